@@ -1,0 +1,75 @@
+"""Loading of the compiled extension codeq._C (the fused kernels).
+
+If the extension is missing (a source checkout that was never built, a failed
+build) the fused classes fall back to the pure-PyTorch reference with one
+warning naming the cause and the fix; ``CODEQ_REQUIRE_EXT=1`` turns that into
+an error (CI sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_C = None
+_LOAD_ERROR: str | None = None
+
+try:  # importing the module runs the TORCH_LIBRARY registrations
+    from codeq import _C  # type: ignore[attr-defined,no-redef]
+except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+_warned = False
+
+
+def require_ext() -> bool:
+    return os.environ.get("CODEQ_REQUIRE_EXT", "0") not in ("", "0", "false", "False")
+
+
+def available() -> bool:
+    """True when the fused kernels (codeq._C) are loaded."""
+    if _C is not None:
+        return True
+    _report_missing()
+    return False
+
+
+def _report_missing() -> None:
+    global _warned
+    msg = (
+        f"codeq: the compiled extension codeq._C could not be loaded ({_LOAD_ERROR}); "
+        "the fused kernels are unavailable. Fix: build it with "
+        "`pip install --no-build-isolation .` in the codeq source tree (with the same torch you run)."
+    )
+    if require_ext():
+        raise RuntimeError(msg + " (CODEQ_REQUIRE_EXT is set, so this is an error.)")
+    if not _warned:
+        _warned = True
+        warnings.warn(msg + " Falling back to the pure-PyTorch reference (slow).", RuntimeWarning, stacklevel=3)
+
+
+def has_kernel(device: torch.device | str) -> bool:
+    """True when the fused ops have kernels for this device type."""
+    if not available():
+        return False
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return bool(build_info().get("cuda")) and _has_cuda_impl()
+    return False
+
+
+def _has_cuda_impl() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("codeq::deadzone_forward", "CUDA")
+    except Exception:
+        return False
+
+
+def build_info() -> dict:
+    if _C is None:
+        return {}
+    return dict(_C.build_info())

@@ -1,0 +1,198 @@
+"""Python side of the torch.ops.codeq operators: fake (meta) kernels so that
+torch.compile / FakeTensor can trace them, autograd registrations, and the
+``torch.autograd.Function`` classes the modules call.
+
+Schemas are defined in C++ (csrc/ops.cpp); CPU kernels in csrc/cpu/, CUDA
+kernels in csrc/cuda/.  Importing this module without the extension is fine:
+nothing is registered and :func:`codeq._ext.available` is False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codeq import _ext
+
+__all__ = ["DeadZoneFunction", "UniformFunction", "GroupLassoFunction", "SCALAR_NAMES"]
+
+# Layout of the `scalars` tensor returned by deadzone_forward (csrc/include/codeq/deadzone.h).
+SCALAR_NAMES = ("a", "B", "d", "Q", "s", "delta")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------- fake kernels --
+if _ext._C is not None:
+
+    @torch.library.register_fake("codeq::abs_quantile")
+    def _abs_quantile_fake(x, q):
+        return x.new_empty((), dtype=_compute_dtype(x.dtype))
+
+    @torch.library.register_fake("codeq::deadzone_forward")
+    def _dz_fwd_fake(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit):
+        torch._check(w.numel() > 0, lambda: "codeq.deadzone_forward: the weight tensor is empty")
+        return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(
+            (len(SCALAR_NAMES),), dtype=_compute_dtype(w.dtype)
+        )
+
+    @torch.library.register_fake("codeq::deadzone_backward")
+    def _dz_bwd_fake(grad, w, scalars, logit_dz, logit_bit, min_bits, max_bits, learnable_bit):
+        return (
+            torch.empty_like(w, memory_format=torch.contiguous_format),
+            torch.empty_like(logit_dz),
+            torch.empty_like(logit_bit),
+        )
+
+    @torch.library.register_fake("codeq::uniform_forward")
+    def _uni_fwd_fake(w, bitwidth):
+        return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(
+            (2,), dtype=_compute_dtype(w.dtype)
+        )
+
+    @torch.library.register_fake("codeq::uniform_backward")
+    def _uni_bwd_fake(grad, w, scale, bitwidth):
+        return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("codeq::group_lasso_forward")
+    def _gl_fwd_fake(weights, lambdas):
+        dt = torch.float64 if weights and all(w.dtype == torch.float64 for w in weights) else torch.float32
+        dev = weights[0].device if weights else torch.device("cpu")
+        norms = [w.new_empty((w.numel() // w.shape[0] if w.shape[0] else 0,), dtype=_compute_dtype(w.dtype))
+                 for w in weights]
+        return torch.empty((), dtype=dt, device=dev), norms
+
+    @torch.library.register_fake("codeq::group_lasso_backward")
+    def _gl_bwd_fake(grad, weights, norms, lambdas):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+
+
+# ------------------------------------------------------------------ autograd --
+
+
+def _dz_setup(ctx, inputs, output):
+    w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit = inputs
+    _, scalars = output
+    ctx.save_for_backward(w, scalars, logit_dz, logit_bit)
+    ctx.cfg = (min_bits, max_bits, learnable_bit)
+
+
+def _dz_backward(ctx, grad_w_hat, grad_scalars):
+    w, scalars, logit_dz, logit_bit = ctx.saved_tensors
+    min_bits, max_bits, learnable_bit = ctx.cfg
+    gw, gdz, gbit = torch.ops.codeq.deadzone_backward(
+        grad_w_hat.contiguous(), w, scalars, logit_dz, logit_bit, min_bits, max_bits, learnable_bit
+    )
+    return gw, gdz, gbit, None, None, None, None
+
+
+def _uni_setup(ctx, inputs, output):
+    w, bitwidth = inputs
+    _, scale = output
+    ctx.save_for_backward(w, scale)
+    ctx.bitwidth = bitwidth
+
+
+def _uni_backward(ctx, grad_w_hat, grad_scale):
+    w, scale = ctx.saved_tensors
+    return torch.ops.codeq.uniform_backward(grad_w_hat.contiguous(), w, scale, ctx.bitwidth), None
+
+
+def _gl_setup(ctx, inputs, output):
+    weights, lambdas = inputs
+    _, norms = output
+    ctx.save_for_backward(*weights, *norms)
+    ctx.n = len(weights)
+    ctx.lambdas = lambdas
+
+
+def _gl_backward(ctx, grad_loss, grad_norms):
+    saved = ctx.saved_tensors
+    weights, norms = list(saved[: ctx.n]), list(saved[ctx.n :])
+    grads = torch.ops.codeq.group_lasso_backward(grad_loss, weights, norms, ctx.lambdas)
+    return list(grads), None
+
+
+# -------------------------------------------------- autograd.Function classes --
+class DeadZoneFunction(torch.autograd.Function):
+    """w_hat = dead-zone compander(w; logit_dz, logit_bit) with the fused kernels.
+
+    ``forward(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit)``.
+    """
+
+    @staticmethod
+    def forward(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit):
+        w_hat, scalars = torch.ops.codeq.deadzone_forward(
+            w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit
+        )
+        return w_hat, scalars
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dz_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_w_hat, grad_scalars):
+        return _dz_backward(ctx, grad_w_hat, grad_scalars)
+
+
+class UniformFunction(torch.autograd.Function):
+    """w_hat = uniform symmetric quantizer(w) with the fused kernels: ``forward(w, bitwidth)``."""
+
+    @staticmethod
+    def forward(w, bitwidth):
+        return torch.ops.codeq.uniform_forward(w, bitwidth)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _uni_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_w_hat, grad_scale):
+        return _uni_backward(ctx, grad_w_hat, grad_scale)
+
+
+def _gl_function_forward(lambdas, *weights):
+    loss, norms = torch.ops.codeq.group_lasso_forward(list(weights), list(lambdas))
+    return (loss, *norms)
+
+
+class GroupLassoFunction(torch.autograd.Function):
+    """sum_l lambda_l * sum_j ||W_l[:, j]||_2 over many layers in one fused call.
+
+    ``loss = GroupLassoFunction.apply(lambdas, *weights)[0]``; the other outputs
+    are the per-layer column norms (no gradient).
+    """
+
+    @staticmethod
+    def forward(lambdas, *weights):
+        return _gl_function_forward(lambdas, *weights)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        lambdas, *weights = inputs
+        loss, *norms = output
+        ctx.save_for_backward(*weights, *norms)
+        ctx.n = len(weights)
+        ctx.lambdas = list(lambdas)
+        ctx.mark_non_differentiable(*norms)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grad_norms):
+        saved = ctx.saved_tensors
+        weights, norms = list(saved[: ctx.n]), list(saved[ctx.n :])
+        grads = torch.ops.codeq.group_lasso_backward(grad_loss, weights, norms, ctx.lambdas)
+        return (None, *grads)
+
+
+# The forward ops are differentiable on their own too (torch.library autograd),
+# so that opcheck, torch.compile and direct callers of torch.ops.codeq all see
+# gradients.
+if _ext._C is not None:
+    torch.library.register_autograd("codeq::deadzone_forward", _dz_backward, setup_context=_dz_setup)
+    torch.library.register_autograd("codeq::uniform_forward", _uni_backward, setup_context=_uni_setup)
+    torch.library.register_autograd("codeq::group_lasso_forward", _gl_backward, setup_context=_gl_setup)

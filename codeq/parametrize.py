@@ -1,0 +1,86 @@
+"""Attaching quantizers to a model's weights (torch parametrizations)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["attach_weight_quantizers", "toggle_quantization", "iter_quantizers", "is_quantizer"]
+
+
+def is_quantizer(m: nn.Module) -> bool:
+    return hasattr(m, "enabled") and hasattr(m, "_quantize")
+
+
+def attach_weight_quantizers(
+    model: nn.Module,
+    exclude_layers: Iterable[str] = (),
+    quantizer="deadzone",
+    quantizer_kwargs: dict | None = None,
+    enabled: bool = True,
+) -> list[str]:
+    """Register one quantizer instance as a parametrization of the ``weight`` of
+    every module that has a ``weight`` nn.Parameter and whose qualified name
+    contains none of the ``exclude_layers`` strings.
+
+    ``quantizer`` is a registry name (see ``codeq.QUANTIZER_REGISTRY``) or a
+    class / callable returning an nn.Module with ``forward(w) -> w_hat``.
+    Returns the names of the quantized modules.
+    """
+    from codeq.registry import QUANTIZER_REGISTRY
+
+    if isinstance(exclude_layers, str):
+        exclude_layers = [exclude_layers]
+    exclude = [str(e) for e in (exclude_layers or [])]
+    if isinstance(quantizer, str):
+        if quantizer not in QUANTIZER_REGISTRY:
+            raise KeyError(f"unknown quantizer {quantizer!r}; choose one of: {', '.join(sorted(QUANTIZER_REGISTRY))}")
+        factory = QUANTIZER_REGISTRY[quantizer]
+    else:
+        factory = quantizer
+    kwargs = dict(quantizer_kwargs or {})
+
+    targets = []
+    for name, module in model.named_modules():
+        if any(e and e in name for e in exclude):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            continue
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.Parameter) and "weight" in module._parameters:
+            targets.append((name, module))
+    for name, module in targets:
+        q = factory(**kwargs)
+        q.enabled = bool(enabled)
+        q.to(device=module.weight.device)
+        parametrize.register_parametrization(module, "weight", q, unsafe=True)
+    return [name for name, _ in targets]
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(module name, module, quantizer) for every quantized weight of the model."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations["weight"]:
+                if is_quantizer(p):
+                    yield name, module, p
+
+
+def toggle_quantization(model: nn.Module, enabled: bool) -> int:
+    """Switch every attached quantizer on or off; returns how many were switched."""
+    n = 0
+    for _, _, q in iter_quantizers(model):
+        q.enabled = bool(enabled)
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def original_weight(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight behind a parametrized module's weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight

@@ -1,0 +1,145 @@
+// CPU kernels of the multi-tensor group lasso: every layer of a model in one
+// call, parallel over (layer, column block) tasks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "codeq/checks.h"
+#include "codeq/group_lasso.h"
+
+namespace codeq {
+namespace cpu {
+namespace {
+
+constexpr int64_t kColBlock = 256;
+
+struct Task {
+  int64_t layer, c0, c1;
+};
+
+void check_layers(at::TensorList weights, at::ArrayRef<double> lambdas, const char* op) {
+  TORCH_CHECK(weights.size() == lambdas.size(), "codeq.", op, ": got ", weights.size(), " weights but ",
+              lambdas.size(), " lambdas");
+  for (size_t l = 0; l < weights.size(); ++l) {
+    check_float_tensor(weights[l], op, "weights[i]");
+    TORCH_CHECK(weights[l].dim() >= 2, "codeq.", op, ": weights[", l, "] must have at least 2 dims (out, in, ...), got ",
+                weights[l].sizes());
+    TORCH_CHECK(weights[l].device().is_cpu(), "codeq.", op, ": weights[", l, "] is not on the CPU");
+  }
+}
+
+std::vector<Task> make_tasks(const std::vector<at::Tensor>& ws) {
+  std::vector<Task> tasks;
+  for (size_t l = 0; l < ws.size(); ++l) {
+    const int64_t cols = ws[l].size(0) == 0 ? 0 : ws[l].numel() / ws[l].size(0);
+    for (int64_t c = 0; c < cols; c += kColBlock) tasks.push_back({(int64_t)l, c, std::min(cols, c + kColBlock)});
+  }
+  return tasks;
+}
+
+at::ScalarType loss_dtype(at::TensorList weights) {
+  for (const auto& w : weights)
+    if (w.scalar_type() != at::kDouble) return at::kFloat;
+  return weights.empty() ? at::kFloat : at::kDouble;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> group_lasso_forward_cpu(at::TensorList weights,
+                                                                       at::ArrayRef<double> lambdas) {
+  check_layers(weights, lambdas, "group_lasso_forward");
+  std::vector<at::Tensor> ws, norms;
+  for (const auto& w : weights) {
+    ws.push_back(w.contiguous());
+    const auto ct = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    norms.push_back(at::empty({w.size(0) == 0 ? 0 : w.numel() / w.size(0)}, w.options().dtype(ct)));
+  }
+  const auto tasks = make_tasks(ws);
+  std::vector<double> task_sum(tasks.size(), 0.0);
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<double> acc(kColBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      const at::Tensor& w = ws[task.layer];
+      const int64_t rows = w.size(0), cols = w.numel() / rows, width = task.c1 - task.c0;
+      std::fill(acc.begin(), acc.begin() + width, 0.0);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "codeq_gl_fwd", [&] {
+        using CT = typename AccType<scalar_t>::type;
+        const scalar_t* p = w.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* row = p + i * cols + task.c0;
+          for (int64_t j = 0; j < width; ++j) {
+            const double v = static_cast<double>(static_cast<CT>(row[j]));
+            acc[j] += v * v;
+          }
+        }
+        CT* np = norms[task.layer].mutable_data_ptr<CT>() + task.c0;
+        double sum = 0.0;
+        for (int64_t j = 0; j < width; ++j) {
+          np[j] = static_cast<CT>(std::sqrt(acc[j]));
+          sum += static_cast<double>(np[j]);
+        }
+        task_sum[t] = sum * lambdas[task.layer];
+      });
+    }
+  });
+  double total = 0.0;  // summed in task order: deterministic
+  for (double v : task_sum) total += v;
+  const auto dt = loss_dtype(weights);
+  auto opts = weights.empty() ? at::TensorOptions().dtype(dt) : weights[0].options().dtype(dt);
+  return {at::scalar_tensor(total, opts), norms};
+}
+
+std::vector<at::Tensor> group_lasso_backward_cpu(const at::Tensor& grad, at::TensorList weights, at::TensorList norms,
+                                                 at::ArrayRef<double> lambdas) {
+  check_layers(weights, lambdas, "group_lasso_backward");
+  TORCH_CHECK(norms.size() == weights.size(), "codeq.group_lasso_backward: got ", norms.size(), " norms for ",
+              weights.size(), " weights");
+  TORCH_CHECK(grad.numel() == 1, "codeq.group_lasso_backward: grad must be a one-element tensor");
+  const double g = grad.item<double>();
+  std::vector<at::Tensor> ws, ns, outs;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    ws.push_back(weights[l].contiguous());
+    ns.push_back(norms[l].contiguous());
+    TORCH_CHECK(ns[l].numel() * std::max<int64_t>(weights[l].size(0), 1) == weights[l].numel() || weights[l].numel() == 0,
+                "codeq.group_lasso_backward: norms[", l, "] does not match weights[", l, "]");
+    outs.push_back(at::empty_like(ws[l]));
+  }
+  const auto tasks = make_tasks(ws);
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<double> scale_buf(kColBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& task = tasks[t];
+      const at::Tensor& w = ws[task.layer];
+      const int64_t rows = w.size(0), cols = w.numel() / rows, width = task.c1 - task.c0;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "codeq_gl_bwd", [&] {
+        using CT = typename AccType<scalar_t>::type;
+        const CT g_lambda = static_cast<CT>(static_cast<CT>(g) * static_cast<CT>(lambdas[task.layer]));
+        const CT* np = ns[task.layer].const_data_ptr<CT>() + task.c0;
+        CT* scale = reinterpret_cast<CT*>(scale_buf.data());
+        for (int64_t j = 0; j < width; ++j) scale[j] = gl::column_scale<CT>(g_lambda, np[j]);
+        const scalar_t* p = w.const_data_ptr<scalar_t>();
+        scalar_t* o = outs[task.layer].mutable_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t off = i * cols + task.c0;
+          for (int64_t j = 0; j < width; ++j) o[off + j] = static_cast<scalar_t>(static_cast<CT>(p[off + j]) * scale[j]);
+        }
+      });
+    }
+  });
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(codeq, CPU, m) {
+  m.impl("group_lasso_forward", &group_lasso_forward_cpu);
+  m.impl("group_lasso_backward", &group_lasso_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace codeq

@@ -1,0 +1,107 @@
+// CPU kernels of the uniform symmetric quantizer.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "codeq/checks.h"
+#include "codeq/select.h"
+#include "codeq/uniform.h"
+
+namespace codeq {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+void check_bitwidth(int64_t b, const char* op) {
+  TORCH_CHECK(b >= 2 && b <= 16, "codeq.", op, ": bitwidth must be an integer in [2, 16], got ", b);
+}
+
+// max|x| with NaN as the largest value (torch.amax propagates NaN).
+template <typename scalar_t, typename CT>
+CT abs_max(const scalar_t* p, int64_t n) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  const int64_t nchunks = std::max<int64_t>(1, (n + kGrain - 1) / kGrain);
+  std::vector<Key> part(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * kGrain, e = std::min(n, b + kGrain);
+      Key m = 0;
+      for (int64_t i = b; i < e; ++i) m = std::max(m, select::abs_key<CT>(static_cast<CT>(p[i])));
+      part[c] = m;
+    }
+  });
+  return select::key_value<CT>(*std::max_element(part.begin(), part.end()));
+}
+
+std::tuple<at::Tensor, at::Tensor> uniform_forward_cpu(const at::Tensor& w, int64_t bitwidth) {
+  check_float_tensor(w, "uniform_forward", "w");
+  TORCH_CHECK(w.numel() > 0, "codeq.uniform_forward: the weight tensor is empty");
+  check_bitwidth(bitwidth, "uniform_forward");
+  const at::Tensor wc = w.contiguous();
+  const int64_t n = wc.numel();
+  at::Tensor out = at::empty_like(wc);
+  at::Tensor scale;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "codeq_uniform_forward", [&] {
+    using CT = typename AccType<scalar_t>::type;
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const CT a = abs_max<scalar_t, CT>(wp, n);
+    const CT Q = uniform::levels<CT>(bitwidth);
+    const CT s = a / Q;
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        op[i] = static_cast<scalar_t>(uniform::forward_element<CT>(static_cast<CT>(wp[i]), a, s, Q));
+      }
+    });
+    scale = at::empty({2}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
+    scale.mutable_data_ptr<CT>()[0] = a;
+    scale.mutable_data_ptr<CT>()[1] = s;
+  });
+  return {out, scale};
+}
+
+at::Tensor uniform_backward_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& scale,
+                                int64_t bitwidth) {
+  check_float_tensor(grad, "uniform_backward", "grad");
+  check_float_tensor(w, "uniform_backward", "w");
+  check_bitwidth(bitwidth, "uniform_backward");
+  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == w.scalar_type(),
+              "codeq.uniform_backward: grad must have the shape and dtype of w");
+  const auto ct = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.numel() == 2 && scale.scalar_type() == ct,
+              "codeq.uniform_backward: scale must be the 2-element tensor returned by uniform_forward");
+  const at::Tensor wc = w.contiguous(), gc = grad.contiguous(), sc = scale.contiguous();
+  const int64_t n = wc.numel();
+  at::Tensor out = at::empty_like(wc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "codeq_uniform_backward", [&] {
+    using CT = typename AccType<scalar_t>::type;
+    const CT a = sc.const_data_ptr<CT>()[0], s = sc.const_data_ptr<CT>()[1];
+    const CT Q = uniform::levels<CT>(bitwidth);
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        op[i] = static_cast<scalar_t>(
+            uniform::backward_element<CT>(static_cast<CT>(gp[i]), static_cast<CT>(wp[i]), a, s, Q));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(codeq, CPU, m) {
+  m.impl("uniform_forward", &uniform_forward_cpu);
+  m.impl("uniform_backward", &uniform_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace codeq

@@ -1,0 +1,102 @@
+// Shared element-wise helpers for the CPU and CUDA kernels of codeq.
+//
+// Every function here is written once and compiled for both the host (CPU
+// kernels, built with -ffp-contract=off so that no a*b+c is fused behind our
+// back) and the device (where the explicit __fmul_rn/__fadd_rn family is used
+// when a result must not be contracted).  The semantics follow torch's own
+// element-wise ops, because the pure-PyTorch reference (codeq/reference.py) is
+// the oracle these kernels are tested against:
+//   sign(x)  = (0 < x) - (x < 0)        -> sign(NaN) == 0, as torch.sign
+//   clamp    = propagates NaN            as torch.clamp
+//   round    = half to even              as torch.round
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CODEQ_HD __host__ __device__ __forceinline__
+#define CODEQ_DEVICE_CODE 1
+#else
+#define CODEQ_HD inline
+#endif
+
+namespace codeq {
+
+using std::fabs;
+using std::ldexp;
+using std::tanh;
+
+// Compute type for a storage type: float for float/half/bfloat16, double for
+// double.  (Half types are computed in float32 inside, see the spec.)
+template <typename scalar_t>
+struct AccType { using type = float; };
+template <>
+struct AccType<double> { using type = double; };
+
+template <typename T>
+CODEQ_HD T sgn(T x) {
+  return static_cast<T>((T(0) < x) - (x < T(0)));
+}
+
+// torch.clamp(x, lo, hi): NaN stays NaN.
+template <typename T>
+CODEQ_HD T clamp_nan(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Round half to even for |x| <= 2^22 (float) / 2^51 (double) or NaN.  On the host this is the classic "add and subtract 1.5*2^mantissa"
+// trick, which vectorises with plain SSE2/NEON (std::nearbyint would be a libm
+// call per element); it is exact in round-to-nearest mode because the sum is
+// rounded once to an integer.  Callers only use it on values already clamped
+// to the quantizer range [-Q, Q] (Q <= 2^15), where it equals torch.round.
+CODEQ_HD float round_small(float x) {
+#ifdef CODEQ_DEVICE_CODE
+  return rintf(x);
+#else
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  return (x + magic) - magic;
+#endif
+}
+CODEQ_HD double round_small(double x) {
+#ifdef CODEQ_DEVICE_CODE
+  return rint(x);
+#else
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  return (x + magic) - magic;
+#endif
+}
+
+// a*b and a+b that the device compiler must not contract into an FMA, so that
+// the CPU and CUDA kernels round every intermediate exactly as torch's eager
+// (unfused) reference does.
+CODEQ_HD float mul_rn(float a, float b) {
+#ifdef CODEQ_DEVICE_CODE
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CODEQ_HD double mul_rn(double a, double b) {
+#ifdef CODEQ_DEVICE_CODE
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CODEQ_HD float add_rn(float a, float b) {
+#ifdef CODEQ_DEVICE_CODE
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CODEQ_HD double add_rn(double a, double b) {
+#ifdef CODEQ_DEVICE_CODE
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+}  // namespace codeq

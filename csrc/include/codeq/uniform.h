@@ -1,0 +1,37 @@
+// Uniform symmetric quantizer (registry name "uniform"), shared CPU/CUDA math.
+//   a = max|w|, Q = 2^(b-1) - 1, s = a / Q,
+//   w_hat = s * clamp(round(w / s), -Q, Q)          (a == 0: zeros, zero grad)
+// Backward: round is straight-through, the clamp masks the gradient where
+// round(w/s) lies outside [-Q, Q]; autograd of the reference evaluates it as
+// ((g*s) masked) / s.
+#pragma once
+
+#include "codeq/common.h"
+
+namespace codeq {
+namespace uniform {
+
+template <typename CT>
+CODEQ_HD CT levels(int64_t bitwidth) {
+  return static_cast<CT>(ldexp(1.0, static_cast<int>(bitwidth) - 1) - 1.0);
+}
+
+template <typename CT>
+CODEQ_HD CT forward_element(CT w, CT a, CT s, CT Q) {
+  if (a == CT(0)) return CT(0);
+  return mul_rn(s, round_small(clamp_nan(w / s, -Q, Q)));
+}
+
+template <typename CT>
+CODEQ_HD CT backward_element(CT g, CT w, CT a, CT s, CT Q) {
+  if (a == CT(0)) return CT(0);
+  // round(w/s) never leaves [-Q, Q] by more than rounding since a = max|w|,
+  // but NaN must fail the mask as in torch.clamp's backward.
+  const CT x = w / s;
+  const CT r = round_small(clamp_nan(x, -(Q + CT(1)), Q + CT(1)));
+  const bool inside = r >= -Q && r <= Q;
+  return inside ? mul_rn(g, s) / s : CT(0);
+}
+
+}  // namespace uniform
+}  // namespace codeq

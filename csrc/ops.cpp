@@ -1,0 +1,65 @@
+// Operator schemas of the codeq namespace and the Python module codeq._C.
+//
+// The schemas are defined here, once; each backend registers its kernels in
+// its own file (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(codeq, CPU, ...),
+// csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(codeq, CUDA, ...)).  Fake (meta)
+// kernels and autograd live in codeq/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef CODEQ_CUDA_ARCHS
+#define CODEQ_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(codeq, m) {
+  m.set_python_module("codeq.ops");
+  // q-quantile of |x| (exact, as torch.quantile of the flattened |x|); 0-dim,
+  // dtype float32 (float64 for float64 x).
+  m.def("abs_quantile(Tensor x, float q) -> Tensor");
+  // Dead-zone compander forward: returns (w_hat, scalars) with
+  // scalars = [a, B, d, Q, s, delta] in the compute dtype.
+  m.def(
+      "deadzone_forward(Tensor w, Tensor logit_dz, Tensor logit_bit, float fixed_bit, float min_bits, "
+      "float max_bits, bool learnable_bit) -> (Tensor, Tensor)");
+  // Backward: (dL/dw, dL/dlogit_dz, dL/dlogit_bit) in one pass over w.
+  m.def(
+      "deadzone_backward(Tensor grad, Tensor w, Tensor scalars, Tensor logit_dz, Tensor logit_bit, "
+      "float min_bits, float max_bits, bool learnable_bit) -> (Tensor, Tensor, Tensor)");
+  // Uniform symmetric quantizer: returns (w_hat, [a, s]).
+  m.def("uniform_forward(Tensor w, int bitwidth) -> (Tensor, Tensor)");
+  m.def("uniform_backward(Tensor grad, Tensor w, Tensor scale, int bitwidth) -> Tensor");
+  // Group lasso over many layers at once: (sum_l lambda_l * sum_j ||W_l[:, j]||, column norms per layer).
+  m.def("group_lasso_forward(Tensor[] weights, float[] lambdas) -> (Tensor, Tensor[])");
+  m.def("group_lasso_backward(Tensor grad, Tensor[] weights, Tensor[] norms, float[] lambdas) -> Tensor[]");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef CODEQ_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["cuda_archs"] = std::string(CODEQ_CUDA_ARCHS);
+#ifdef CODEQ_TORCH_VERSION
+  d["torch_built_with"] = std::string(CODEQ_TORCH_VERSION);
+#endif
+  d["openmp"] =
+#ifdef _OPENMP
+      true;
+#else
+      false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "codeq fused kernels (ops are registered under torch.ops.codeq)";
+  m.def("build_info", &build_info, "What this extension was built with");
+}
