@@ -67,6 +67,13 @@ CODEQ_HD double round_small(double x) {
 #endif
 }
 
+// tanh for the logits.  float: evaluated in double and rounded once, which is
+// the correctly rounded tanhf in all but ~2^-29 of the cases, and the same on
+// the host and the device (glibc's tanhf and CUDA's tanhf are each up to 1-2
+// ulp off, in different places; torch's own CPU tanh is closer to this one).
+CODEQ_HD float tanh_cr(float x) { return static_cast<float>(tanh(static_cast<double>(x))); }
+CODEQ_HD double tanh_cr(double x) { return tanh(x); }
+
 // a*b and a+b that the device compiler must not contract into an FMA, so that
 // the CPU and CUDA kernels round every intermediate exactly as torch's eager
 // (unfused) reference does.

@@ -68,7 +68,7 @@ CODEQ_HD Scalars<CT> compute_scalars(CT a, TH theta_dz, TH theta_bit, bool learn
   // B = round((max - min) * |tanh(theta_bit)| + min)          (dtype TH)
   TH B;
   if (learnable_bit) {
-    const TH t = tanh(theta_bit);
+    const TH t = tanh_cr(theta_bit);
     B = round_small(add_rn(mul_rn(add_rn(max_bits, -min_bits), fabs(t)), min_bits));
   } else {
     B = fixed_bit;
@@ -76,7 +76,7 @@ CODEQ_HD Scalars<CT> compute_scalars(CT a, TH theta_dz, TH theta_bit, bool learn
   // Q = 2^(B-1) - 1   (exact: B is a small integer)
   const TH Q = add_rn(static_cast<TH>(ldexp(1.0, static_cast<int>(B) - 1)), TH(-1));
   // d = (2 * a) * (1 - |tanh(theta_dz)|)
-  const TH one_minus_t = add_rn(TH(1), -static_cast<TH>(fabs(tanh(theta_dz))));
+  const TH one_minus_t = add_rn(TH(1), -static_cast<TH>(fabs(tanh_cr(theta_dz))));
   const CT d = mul_rn(mul_rn(CT(2), a), static_cast<CT>(one_minus_t));
   // s = (a - d/2) / (Q - 0.5) + 1e-8
   const CT s = add_rn((add_rn(a, -(d / CT(2)))) / static_cast<CT>(add_rn(Q, TH(-0.5))), static_cast<CT>(1e-8));
@@ -154,10 +154,10 @@ CODEQ_HD LogitGrads chain_to_logits(double G_s, double G_delta, const Scalars<CT
   const double dL_dd = G_delta / 2.0 - dL_ds / (2.0 * (Q - 0.5));
   const double dL_dQ = -dL_ds * (a - d / 2.0) / ((Q - 0.5) * (Q - 0.5));
   LogitGrads r;
-  const double t_dz = static_cast<double>(tanh(theta_dz));
+  const double t_dz = static_cast<double>(tanh_cr(theta_dz));
   r.theta_dz = dL_dd * (-2.0 * a * static_cast<double>(sgn(t_dz)) * (1.0 - t_dz * t_dz));
   if (learnable_bit) {
-    const double t_bit = static_cast<double>(tanh(theta_bit));
+    const double t_bit = static_cast<double>(tanh_cr(theta_bit));
     const double dQ_dB = ldexp(1.0, static_cast<int>(B) - 1) * 0.69314718055994530942;
     r.theta_bit = dL_dQ * dQ_dB * static_cast<double>(max_bits - min_bits) *
                   static_cast<double>(sgn(t_bit)) * (1.0 - t_bit * t_bit);
