@@ -244,10 +244,12 @@ class UniformSymmetric(nn.Module):
     def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
         x = w.to(compute_dtype(w.dtype))
         a = x.detach().abs().amax()
-        Q = torch.tensor(float(2 ** (self.bitwidth - 1) - 1), dtype=x.dtype, device=x.device)
+        Qf = float(2 ** (self.bitwidth - 1) - 1)
+        Q = torch.tensor(Qf, dtype=x.dtype, device=x.device)
         zero = a == 0
         s = torch.where(zero, torch.ones_like(a), a / Q)
-        w_hat = s * torch.clamp(round_ste(x / s), -Q, Q)
+        # plain clamp with number bounds: torch passes the gradient strictly inside (-Q, Q) only
+        w_hat = s * torch.clamp(round_ste(x / s), -Qf, Qf)
         w_hat = torch.where(zero, torch.zeros_like(w_hat), w_hat)
         return w_hat.to(w.dtype)
 

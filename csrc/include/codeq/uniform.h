@@ -2,8 +2,8 @@
 //   a = max|w|, Q = 2^(b-1) - 1, s = a / Q,
 //   w_hat = s * clamp(round(w / s), -Q, Q)          (a == 0: zeros, zero grad)
 // Backward: round is straight-through, the clamp masks the gradient where
-// round(w/s) lies outside [-Q, Q]; autograd of the reference evaluates it as
-// ((g*s) masked) / s.
+// round(w/s) is not strictly inside (-Q, Q) (torch.clamp's backward); autograd
+// of the reference evaluates it as ((g*s) masked) / s.
 #pragma once
 
 #include "codeq/common.h"
@@ -25,11 +25,12 @@ CODEQ_HD CT forward_element(CT w, CT a, CT s, CT Q) {
 template <typename CT>
 CODEQ_HD CT backward_element(CT g, CT w, CT a, CT s, CT Q) {
   if (a == CT(0)) return CT(0);
-  // round(w/s) never leaves [-Q, Q] by more than rounding since a = max|w|,
-  // but NaN must fail the mask as in torch.clamp's backward.
+  // torch.clamp's backward with number bounds passes the gradient only
+  // strictly inside (-Q, Q): zero at the bounds (where the max-|w| element
+  // always lands), beyond them, and for NaN.
   const CT x = w / s;
   const CT r = round_small(clamp_nan(x, -(Q + CT(1)), Q + CT(1)));
-  const bool inside = r >= -Q && r <= Q;
+  const bool inside = r > -Q && r < Q;
   return inside ? mul_rn(g, s) / s : CT(0);
 }
 
