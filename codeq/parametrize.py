@@ -8,11 +8,32 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from codeq.reference import QuantizerBase
+
 __all__ = ["attach_weight_quantizers", "toggle_quantization", "iter_quantizers", "is_quantizer"]
 
 
 def is_quantizer(m: nn.Module) -> bool:
-    return hasattr(m, "enabled") and hasattr(m, "_quantize")
+    return isinstance(m, QuantizerBase)
+
+
+class ExternalQuantizer(QuantizerBase):
+    """Wraps a user quantizer (any nn.Module with ``forward(w) -> w_hat``) so that
+    ``toggle_quantization`` and ``iter_quantizers`` work for it too."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return self.inner(w)
+
+    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return self.inner(w)
+
+    def get_bitwidth(self):
+        fn = getattr(self.inner, "get_bitwidth", None)
+        return fn() if fn is not None else torch.tensor(32.0)
 
 
 def attach_weight_quantizers(
@@ -54,6 +75,8 @@ def attach_weight_quantizers(
             targets.append((name, module))
     for name, module in targets:
         q = factory(**kwargs)
+        if not isinstance(q, QuantizerBase):
+            q = ExternalQuantizer(q)
         q.enabled = bool(enabled)
         q.to(device=module.weight.device)
         parametrize.register_parametrization(module, "weight", q, unsafe=True)

@@ -29,6 +29,7 @@ from torch import nn
 
 __all__ = [
     "abs_quantile",
+    "QuantizerBase",
     "DeadZoneLDZCompander",
     "UniformSymmetric",
     "group_lasso",
@@ -116,8 +117,30 @@ def abs_quantile(x: torch.Tensor, q: float = QUANTILE) -> torch.Tensor:
         return torch.where(torch.isnan(v[-1]), torch.full_like(a, float("nan")), a)
 
 
+# ------------------------------------------------------------------- base --
+class QuantizerBase(nn.Module):
+    """A weight quantizer: ``forward(w) -> w_hat`` while ``enabled``, else ``w``.
+    Subclasses implement ``_reference_quantize``; the fused subclasses in
+    codeq.quantizers override ``_quantize``."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return self._quantize(w)
+
+    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
+        return self._reference_quantize(w)
+
+    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------- dead zone --
-class DeadZoneLDZCompander(nn.Module):
+class DeadZoneLDZCompander(QuantizerBase):
     """CoDeQ dead-zone compander with a learnable dead-zone width (``logit_dz``)
     and a learnable bit-width (``logit_bit``).  Pure-PyTorch reference."""
 
@@ -146,7 +169,6 @@ class DeadZoneLDZCompander(nn.Module):
         self.register_buffer("min_bits", torch.tensor(float(min_bits)))
         # Python copies of the buffers: read in forward without a device sync.
         self._cfg = (float(fixed_bit_val), float(min_bits), float(max_bits))
-        self.enabled = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -184,31 +206,22 @@ class DeadZoneLDZCompander(nn.Module):
     @torch.no_grad()
     def get_scalars(self, w: torch.Tensor) -> dict:
         """a, B, d, Q, s, delta of this quantizer for the weight w (0-dim tensors)."""
-        x = w.detach().to(compute_dtype(w.dtype))
-        a = abs_quantile(x)
-        B = self._bitwidth()
-        d = 2 * a * (1 - torch.tanh(self.logit_dz).abs())
-        Q = 2 ** (B - 1) - 1
-        s = (a - d / 2) / (Q - 0.5) + 1e-8
-        return {"a": a, "B": B, "d": d, "Q": Q, "s": s, "delta": d / 2 - s / 2}
+        return self._scalars(w.detach().to(compute_dtype(w.dtype)))
 
-    # math --------------------------------------------------------------------
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        return self._quantize(w)
-
-    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return self._reference_quantize(w)
-
-    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        x = w.to(compute_dtype(w.dtype))
+    def _scalars(self, x: torch.Tensor) -> dict:
         a = abs_quantile(x)  # 1. no gradient
         B = self._bitwidth()  # 2.
         d = 2 * a * (1 - torch.tanh(self.logit_dz).abs())  # 3.
         Q = 2 ** (B - 1) - 1  # 4.
         s = (a - d / 2) / (Q - 0.5) + 1e-8  # 5.
         delta = d / 2 - s / 2  # 6.
+        return {"a": a, "B": B, "d": d, "Q": Q, "s": s, "delta": delta}
+
+    # math --------------------------------------------------------------------
+    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        x = w.to(compute_dtype(w.dtype))
+        sc = self._scalars(x)  # steps 1-6
+        s, delta, Q = sc["s"], sc["delta"], sc["Q"]
         u = torch.sign(x) * relu_ste(x.abs() - delta)  # 7.
         q = clamp_ste(round_ste(u / s), -Q, Q)  # 8.
         w_hat = s * q + delta * torch.sign(q)  # 9.
@@ -216,7 +229,7 @@ class DeadZoneLDZCompander(nn.Module):
 
 
 # ------------------------------------------------------------------ uniform --
-class UniformSymmetric(nn.Module):
+class UniformSymmetric(QuantizerBase):
     """Fixed-bit-width uniform symmetric quantizer (max-abs scaling).  Pure-PyTorch reference."""
 
     def __init__(self, bitwidth: int = 8):
@@ -224,7 +237,6 @@ class UniformSymmetric(nn.Module):
         if isinstance(bitwidth, bool) or not float(bitwidth).is_integer() or not 2 <= int(bitwidth) <= 16:
             raise ValueError(f"UniformSymmetric: bitwidth must be an integer in [2, 16], got {bitwidth!r}")
         self.bitwidth = int(bitwidth)
-        self.enabled = True
 
     def extra_repr(self) -> str:
         return f"bitwidth={self.bitwidth}, enabled={self.enabled}"
@@ -232,14 +244,6 @@ class UniformSymmetric(nn.Module):
     @torch.no_grad()
     def get_bitwidth(self) -> torch.Tensor:
         return torch.tensor(float(self.bitwidth))
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        return self._quantize(w)
-
-    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return self._reference_quantize(w)
 
     def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
         x = w.to(compute_dtype(w.dtype))

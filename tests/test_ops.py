@@ -208,21 +208,19 @@ def test_registries():
     assert codeq.LOSS_REGISTRY["group_lasso"] is codeq.group_lasso
     assert set(codeq.reference.__all__) >= {"DeadZoneLDZCompander", "UniformSymmetric", "group_lasso"}
 
-    @codeq.register_quantizer("_test_identity")
-    class Identity(nn.Module):
-        enabled = True
-
-        def _quantize(self, w):
-            return w
-
+    @codeq.register_quantizer("_test_sign")
+    class Sign(nn.Module):  # a user quantizer: only forward(w) -> w_hat
         def forward(self, w):
-            return w
+            return torch.sign(w)
 
     try:
         m = Tiny()
-        assert codeq.attach_weight_quantizers(m, ["bn"], "_test_identity") == ["conv", "conv2", "fc", "fc2"]
+        assert codeq.attach_weight_quantizers(m, ["bn"], "_test_sign") == ["conv", "conv2", "fc", "fc2"]
+        assert torch.equal(m.fc.weight, torch.sign(m.fc.parametrizations.weight.original))
+        assert codeq.toggle_quantization(m, False) == 4
+        assert torch.equal(m.fc.weight, m.fc.parametrizations.weight.original)
     finally:
-        del codeq.QUANTIZER_REGISTRY["_test_identity"]
+        del codeq.QUANTIZER_REGISTRY["_test_sign"]
 
 
 def test_constructor_validation():
