@@ -1,0 +1,262 @@
+"""Registries of models, optimizers, LR schedulers and data sets, and the
+builders the trainer (and ``python -m codeq.report``) use.
+
+Quantizers and loss terms live in :mod:`codeq.registry`.  Adding an entry here
+is one decorator or one dict line::
+
+    @register_model("lenet")
+    def lenet(num_classes=10, img_size=32, width=6): ...
+
+    OPTIMIZER_REGISTRY["rmsprop"] = torch.optim.RMSprop
+    SCHEDULER_REGISTRY["step"] = lambda opt, cfg: torch.optim.lr_scheduler.StepLR(opt, step_size=30)
+    DATASET_REGISTRY["mydata"] = my_builder   # fn(cfg) -> (train_dataset, val_dataset)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codeq.train import data as _data
+from codeq.train.config import Config, ConfigError
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "OPTIMIZER_REGISTRY",
+    "SCHEDULER_REGISTRY",
+    "DATASET_REGISTRY",
+    "register_model",
+    "register_dataset",
+    "build_model",
+    "example_input",
+    "build_optimizer",
+    "build_scheduler",
+    "build_datasets",
+    "split_param_groups",
+    "ResNet20",
+    "MLP",
+]
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator: ``fn(num_classes=10, img_size=32, **model_kwargs) -> nn.Module``."""
+
+    def deco(fn):
+        MODEL_REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------ models --
+class _ShortcutA(nn.Module):
+    """Option-A shortcut of the CIFAR ResNets (He et al. 2016): subsample by 2
+    and zero-pad the new channels; no parameters."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if (planes - in_planes) % 2:
+                raise ValueError(f"option-A shortcut needs an even channel increase, got {in_planes}->{planes}")
+            self.shortcut = _ShortcutA((planes - in_planes) // 2)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: 3 stages of 3 basic blocks (16, 32, 64 channels),
+    option-A (zero-pad) shortcuts, global average pooling, one linear layer."""
+
+    def __init__(self, num_classes: int = 10, num_blocks=(3, 3, 3), width: int = 16, in_channels: int = 3):
+        super().__init__()
+        if len(num_blocks) != 3 or any(int(n) < 1 for n in num_blocks):
+            raise ValueError(f"num_blocks must be three positive integers, got {num_blocks!r}")
+        if int(width) < 2 or int(width) % 2:
+            raise ValueError(f"width must be an even integer >= 2, got {width!r}")
+        w = int(width)
+        self.conv1 = nn.Conv2d(in_channels, w, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.in_planes = w
+        self.layer1 = self._stage(w, int(num_blocks[0]), 1)
+        self.layer2 = self._stage(2 * w, int(num_blocks[1]), 2)
+        self.layer3 = self._stage(4 * w, int(num_blocks[2]), 2)
+        self.linear = nn.Linear(4 * w, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _stage(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (n - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear layers with ReLU between: 3072 -> 120 -> 84 -> 10 by default."""
+
+    def __init__(self, in_features: int = 3072, hidden=(120, 84), num_classes: int = 10):
+        super().__init__()
+        sizes = [int(in_features)] + [int(h) for h in hidden] + [int(num_classes)]
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"hidden sizes must be positive, got {list(hidden)!r}")
+        layers: list = [("flatten", nn.Flatten())]
+        for i in range(len(sizes) - 1):
+            layers.append((f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1])))
+            if i < len(sizes) - 2:
+                layers.append((f"relu{i + 1}", nn.ReLU()))
+        self.net = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@register_model("resnet20")
+def resnet20(num_classes: int = 10, img_size: int = 32, num_blocks=(3, 3, 3), width: int = 16) -> nn.Module:
+    return ResNet20(num_classes=num_classes, num_blocks=tuple(num_blocks), width=width)
+
+
+@register_model("mlp")
+def mlp(num_classes: int = 10, img_size: int = 32, hidden=(120, 84)) -> nn.Module:
+    return MLP(in_features=3 * img_size * img_size, hidden=tuple(hidden), num_classes=num_classes)
+
+
+@register_model("vit")
+def vit(num_classes: int = 10, img_size: int = 224, **timm_kwargs) -> nn.Module:
+    """timm ``vit_tiny_patch16_224`` (random init, never downloads); extra keys
+    (``depth``, ``embed_dim``, ``num_heads``, ``patch_size``, ...) go to timm."""
+    import timm
+
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=img_size, **timm_kwargs
+    )
+
+
+# ------------------------------------------------------ optimizers, scheds --
+OPTIMIZER_REGISTRY: dict[str, type] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+SCHEDULER_REGISTRY: dict[str, Callable] = {
+    "cosine": lambda opt, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
+    "none": lambda opt, cfg: None,
+}
+
+# name -> fn(cfg) -> (train_dataset, val_dataset); see codeq.train.data.
+DATASET_REGISTRY: dict[str, Callable] = {
+    "cifar10": _data.build_cifar10,
+    "synthetic": _data.build_synthetic,
+}
+
+
+def register_dataset(name: str):
+    def deco(fn):
+        DATASET_REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------- builders --
+def build_model(cfg: Config) -> nn.Module:
+    """The model of ``cfg`` on the CPU, with quantizers attached per
+    ``cfg.quantizer`` (none when it is absent).  Seed before calling for a
+    reproducible initialisation."""
+    from codeq.parametrize import attach_weight_quantizers
+
+    fn = MODEL_REGISTRY[cfg.model]
+    try:
+        model = fn(num_classes=10, img_size=cfg.img_size, **cfg.model_kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise ConfigError(f"cannot build model '{cfg.model}' with model_kwargs {cfg.model_kwargs}: {exc}") from None
+    if cfg.quantizer is not None:
+        try:
+            attach_weight_quantizers(
+                model,
+                exclude_layers=cfg.quantizer.exclude_layers,
+                quantizer=cfg.quantizer.name,
+                quantizer_kwargs=cfg.quantizer.kwargs,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build quantizer '{cfg.quantizer.name}' with kwargs {cfg.quantizer.kwargs}: {exc}") from None
+    return model
+
+
+def example_input(cfg: Config, batch_size: int = 1) -> torch.Tensor:
+    """A batch of the shape the model takes: ``batch_size x 3 x img_size x img_size``
+    (normalised-image-like values, fixed seed, CPU)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
+
+
+def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable parameters split by name: ``dz`` (contains ``logit_dz``),
+    ``bit`` (``logit_bit``), ``base`` (the rest).  Frozen ones are left out."""
+    groups: dict[str, list] = {"base": [], "dz": [], "bit": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "dz" if "logit_dz" in name else "bit" if "logit_bit" in name else "base"
+        groups[key].append((name, p))
+    return groups
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer with up to three param groups named base / dz / bit (in
+    that order, empty ones left out).  dz and bit take base's hyper-parameters
+    when the YAML has no group of their own."""
+    cls = OPTIMIZER_REGISTRY[cfg.optimizer.type]
+    split = split_param_groups(model)
+    groups = []
+    for name in ("base", "dz", "bit"):
+        if not split[name]:
+            continue
+        gcfg = getattr(cfg.optimizer, name) or cfg.optimizer.base
+        groups.append({"params": [p for _, p in split[name]], "name": name, **gcfg.hparams()})
+    if not groups:
+        raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
+    try:
+        return cls(groups)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build optimizer '{cfg.optimizer.type}': {exc}") from None
+
+
+def build_scheduler(cfg: Config, optimizer):
+    return SCHEDULER_REGISTRY[cfg.lr_scheduler](optimizer, cfg)
+
+
+def build_datasets(cfg: Config):
+    """(train, val) data sets of ``cfg.dataset`` (raises ConfigError when missing)."""
+    return DATASET_REGISTRY[cfg.dataset.name](cfg)

@@ -1,0 +1,112 @@
+"""``python run_training.py --config CONFIG.yaml [--device D] [--resume CKPT] [--set key.sub=value ...]``
+
+Also installed as the console script ``codeq-train``.  ``main(argv)`` returns
+the exit code: 0 on success, 2 for a user mistake (bad config, unavailable
+device, missing data set, unusable checkpoint: one ``error: ...`` line on
+stderr, nothing written to disk), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from codeq.train.config import ConfigError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (through main)
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="run_training.py",
+        description="Train a model with CoDeQ joint pruning + quantization-aware training from a YAML config "
+        "(see docs/TRAINING.md).",
+    )
+    p.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    p.add_argument("--device", metavar="DEV", help="override the config's device: cpu, cuda, cuda:N or mps")
+    p.add_argument("--resume", metavar="CKPT", help="continue training from this checkpoint (e.g. RUN_DIR/checkpoint.th)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set epochs=3 --set optimizer.param_groups.base.lr=0.01 "
+        "(value parsed as YAML; repeatable)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop after N epochs of this invocation (checkpoint saved; continue with --resume), e.g. for job time limits",
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (the last completed epoch's checkpoint.th can be resumed with --resume)", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+def _main(argv) -> int:
+    from codeq.train.checkpoint import load_checkpoint
+    from codeq.train.config import load_config, save_config
+    from codeq.train.logging import is_run_dir, make_run_dir
+    from codeq.train.trainer import Trainer, check_resume_compatible, resolve_device
+
+    args = build_parser().parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after must be at least 1, got {args.stop_after}")
+
+    # Everything that can be a user mistake is checked before the run directory exists.
+    cfg = load_config(args.config, overrides=args.overrides, device=args.device)
+    device = resolve_device(cfg.device)
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        check_resume_compatible(ckpt.get("config") or {}, cfg, args.resume)
+    trainer = Trainer.from_config(cfg, device)
+    if ckpt is not None:
+        trainer.load_checkpoint_state(ckpt, args.resume)
+        del ckpt
+
+    ckpt_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+    if ckpt_dir is not None and is_run_dir(ckpt_dir):
+        run_dir = ckpt_dir  # continue the same run: metrics.jsonl is appended to
+    else:
+        run_dir = make_run_dir(cfg, args.config)
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    n_q = len(trainer.quantized)
+    print(
+        f"run directory: {run_dir}\n"
+        f"model {cfg.model} on {device}, {n_q} quantized layer(s)"
+        + (f" ({cfg.quantizer.name})" if cfg.quantizer else "")
+        + f", epochs {trainer.start_epoch + 1}..{cfg.epochs}",
+        flush=True,
+    )
+    records = trainer.fit(run_dir, stop_after=args.stop_after)
+    if records:
+        last = records[-1]
+        msg = f"done: epoch {last['epoch']}, val_acc {last['val_acc']:.4f}, best {trainer.best_acc:.4f}"
+        if last.get("sparsity_mean") is not None:
+            msg += f", mean sparsity {last['sparsity_mean']:.4f}"
+        print(msg + f"; run directory {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # python -m codeq.train.cli
+    sys.exit(main())

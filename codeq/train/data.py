@@ -1,0 +1,188 @@
+"""Data sets and loaders: CIFAR-10 (torchvision's ``cifar-10-batches-py`` or
+the official binary ``cifar-10-batches-bin`` layout) and a learnable synthetic
+CIFAR-shaped set for offline smoke runs.
+
+Each builder is ``fn(cfg) -> (train_dataset, val_dataset)``; items are
+``(image tensor 3 x img_size x img_size, label int)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from codeq.train.config import Config, ConfigError
+
+__all__ = [
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "CIFAR10Binary",
+    "SyntheticCIFAR",
+    "build_transforms",
+    "build_cifar10",
+    "build_synthetic",
+    "build_loaders",
+    "epoch_seed",
+]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+BIN_DIR = "cifar-10-batches-bin"
+PY_DIR = "cifar-10-batches-py"
+BIN_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+BIN_TEST = ("test_batch.bin",)
+RECORD = 3073  # 1 label byte + 32*32*3 pixel bytes
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def build_transforms(img_size: int, train: bool, augment: str = "standard"):
+    """Train: RandomCrop(32, padding=4) + RandomHorizontalFlip (+ RandAugment(2, 9)
+    with ``augment: randaugment``; nothing with ``augment: none``), then Resize
+    to img_size when it is not 32, ToTensor, Normalize(CIFAR mean/std).
+    Validation: Resize (when needed), ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    ops = []
+    if train and augment != "none":
+        ops += [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        if augment == "randaugment":
+            ops.append(T.RandAugment(num_ops=2, magnitude=9))
+    if img_size != 32:
+        ops.append(T.Resize((img_size, img_size), antialias=True))
+    ops += [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    return T.Compose(ops)
+
+
+class _ArrayImages(Dataset):
+    """Images as a uint8 array N x 32 x 32 x 3 plus int labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.data = images
+        self.targets = [int(t) for t in labels]
+        self.transform = transform
+        self.classes = list(CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.data[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+class CIFAR10Binary(_ArrayImages):
+    """CIFAR-10 in the official binary layout: ``root/cifar-10-batches-bin/``
+    with data_batch_1..5.bin (train) and test_batch.bin, each a sequence of
+    3073-byte records (1 label byte, then 1024 R, 1024 G, 1024 B bytes, each
+    plane row-major 32x32).  ``root`` may also be the batches directory itself."""
+
+    def __init__(self, root: str, train: bool = True, transform=None):
+        folder = root if os.path.basename(os.path.normpath(root)) == BIN_DIR else os.path.join(root, BIN_DIR)
+        files = BIN_TRAIN if train else BIN_TEST
+        chunks = []
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"CIFAR-10 binary file missing: {path} (expected {', '.join(files)} in {folder})")
+            raw = np.fromfile(path, dtype=np.uint8)
+            if raw.size == 0 or raw.size % RECORD:
+                raise ConfigError(
+                    f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes is not a multiple of {RECORD}-byte records"
+                )
+            chunks.append(raw.reshape(-1, RECORD))
+        arr = np.concatenate(chunks)
+        labels = arr[:, 0].astype(np.int64)
+        if labels.max() > 9:
+            raise ConfigError(f"{folder}: label byte {int(labels.max())} out of range 0-9 (corrupt file?)")
+        images = np.ascontiguousarray(arr[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        super().__init__(images, labels, transform)
+        self.root = folder
+
+
+class SyntheticCIFAR(_ArrayImages):
+    """A learnable CIFAR-shaped set (32x32 RGB uint8, 10 classes): each class is
+    a fixed smooth colour pattern (8x8-pixel blocks, mirror-symmetric so flips
+    keep it), each image that pattern plus Gaussian noise.  Deterministic:
+    the patterns come from ``seed`` and the images from ``(seed, split)``."""
+
+    def __init__(self, size: int, train: bool = True, transform=None, seed: int = 0, noise: float = 64.0, amplitude: float = 10.0):
+        pat_rng = np.random.default_rng([seed, 7])
+        protos = pat_rng.normal(size=(10, 4, 4, 3))
+        protos = (protos + protos[:, :, ::-1, :]) / 2  # horizontal-flip invariant
+        protos = np.kron(protos, np.ones((1, 8, 8, 1)))  # 10 x 32 x 32 x 3
+        rng = np.random.default_rng([seed, 1 if train else 2])
+        labels = np.arange(size) % 10
+        rng.shuffle(labels)
+        imgs = 128.0 + amplitude * protos[labels] + rng.normal(scale=noise, size=(size, 32, 32, 3))
+        images = np.clip(np.rint(imgs), 0, 255).astype(np.uint8)
+        super().__init__(images, labels, transform)
+
+
+def _subset(ds, n):
+    return ds if n is None or n >= len(ds) else Subset(ds, range(n))
+
+
+def build_cifar10(cfg: Config):
+    """CIFAR-10 from ``dataset.root``: the binary layout when
+    ``root/cifar-10-batches-bin`` exists, else torchvision's
+    ``root/cifar-10-batches-py`` (downloaded there when ``dataset.download``)."""
+    d = cfg.dataset
+    root = os.path.expanduser(d.root)
+    tr = build_transforms(cfg.img_size, True, d.augment)
+    te = build_transforms(cfg.img_size, False)
+    if os.path.isdir(os.path.join(root, BIN_DIR)) or os.path.basename(os.path.normpath(root)) == BIN_DIR:
+        train, val = CIFAR10Binary(root, True, tr), CIFAR10Binary(root, False, te)
+    elif os.path.isdir(os.path.join(root, PY_DIR)) or d.download:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            train = CIFAR10(root, train=True, transform=tr, download=d.download)
+            val = CIFAR10(root, train=False, transform=te, download=False)
+        except Exception as exc:  # corrupt files, no network, ...
+            raise ConfigError(f"cannot load CIFAR-10 from {os.path.join(root, PY_DIR)}: {exc}") from None
+    else:
+        raise ConfigError(
+            f"CIFAR-10 not found under dataset.root={d.root!r}: expected {os.path.join(root, PY_DIR)} "
+            f"(torchvision layout; set dataset.download: true to fetch it) or {os.path.join(root, BIN_DIR)} "
+            f"(binary layout, e.g. bash /path/to/shared/data/cifar10/unpack.sh {d.root})"
+        )
+    return _subset(train, d.train_size), _subset(val, d.val_size)
+
+
+def build_synthetic(cfg: Config):
+    d = cfg.dataset
+    n_train = d.train_size if d.train_size is not None else 1000
+    n_val = d.val_size if d.val_size is not None else 200
+    # The images are fixed (seed 0), whatever the training seed.
+    train = SyntheticCIFAR(n_train, True, build_transforms(cfg.img_size, True, d.augment))
+    val = SyntheticCIFAR(n_val, False, build_transforms(cfg.img_size, False))
+    return train, val
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the data order (and worker seeds) of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device):
+    """(train_loader, val_loader, generator).  Reseed ``generator`` with
+    :func:`epoch_seed` before each epoch: the data order then depends only on
+    (seed, epoch), which makes --resume continue the same sequence."""
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(cfg.seed, 0))
+    common = dict(
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+    train = DataLoader(train_ds, shuffle=True, generator=g, drop_last=False, **common)
+    val = DataLoader(val_ds, shuffle=False, **common)
+    return train, val, g
