@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Training-step benchmark: what QAT costs per optimisation step.
+
+    python benchmarks/bench_train_step.py --device cpu --models mlp,resnet20,vit --out FILE.json
+
+Median time of one step (forward, loss incl. loss terms, backward, optimizer
+step) at batch 128 for each model in these variants, measured in one run:
+
+  baseline               no quantizer
+  reference_qat          the pure-PyTorch reference quantizers (codeq.reference)
+  reference_qat_gl       ... plus the reference group lasso
+  codeq_qat              codeq's fused quantizers
+  codeq_qat_gl           ... plus codeq's fused group lasso
+  codeq_qat_gl_compiled  ... with use_compile: 1
+
+The codeq variants run ``Trainer.train_step`` -- exactly the step the trainer
+runs -- on a model built from the same config the trainer would use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_quantizer import env_header, sync  # noqa: E402
+
+import codeq  # noqa: E402
+from codeq import reference as R  # noqa: E402
+from codeq.train.build import build_model, build_optimizer, build_scheduler  # noqa: E402
+from codeq.train.config import config_from_dict  # noqa: E402
+from codeq.train.trainer import Trainer  # noqa: E402
+
+VARIANTS = ["baseline", "reference_qat", "reference_qat_gl", "codeq_qat", "codeq_qat_gl", "codeq_qat_gl_compiled"]
+
+MODELS = {
+    # exclude_layers and group-lasso lambdas as in the guide's example configs
+    "mlp": dict(model="mlp", img_size=32, exclude=[], gl=dict(lambda_linear=1e-4, lambda_conv=1e-4)),
+    "resnet20": dict(model="resnet20", img_size=32, exclude=["bn"], gl=dict(lambda_linear=1e-4, lambda_conv=1e-4)),
+    "vit": dict(model="vit", img_size=224, exclude=["norm"], gl=dict(lambda_linear=1e-4, lambda_conv=0.0)),
+}
+
+# The reference twins, registered under their own names for this benchmark.
+codeq.QUANTIZER_REGISTRY.setdefault("_reference_deadzone", R.DeadZoneLDZCompander)
+codeq.LOSS_REGISTRY.setdefault("_reference_group_lasso", R.group_lasso)
+
+
+def make_config(model: str, variant: str, batch: int, device: str) -> dict:
+    spec = MODELS[model]
+    cfg = {
+        "model": spec["model"],
+        "epochs": 1,
+        "batch_size": batch,
+        "img_size": spec["img_size"],
+        "device": device,
+        "workers": 0,
+        "save_dir": "/tmp/codeq_bench",
+        "lr_scheduler": "cosine",
+        "dataset": {"name": "synthetic", "train_size": batch, "val_size": batch},
+        "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 1e-3, "weight_decay": 0.0},
+                                                        "dz": {"lr": 1e-3, "weight_decay": 2.5},
+                                                        "bit": {"lr": 1e-3, "weight_decay": 0.0}}},
+        "use_compile": 1 if variant.endswith("compiled") else 0,
+    }
+    if variant != "baseline":
+        cfg["quantizer"] = {
+            "name": "_reference_deadzone" if variant.startswith("reference") else "deadzone",
+            "kwargs": {"fixed_bit_val": 4, "max_bits": 8, "init_deadzone_logit": 3.0, "init_bit_logit": 3.0,
+                       "learnable_bit": True, "learnable_deadzone": True},
+            "exclude_layers": spec["exclude"],
+        }
+    if variant.endswith("_gl") or "_gl_" in variant:
+        name = "_reference_group_lasso" if variant.startswith("reference") else "group_lasso"
+        cfg["loss_terms"] = [{"name": name, "lambda": 1.0, "kwargs": dict(spec["gl"])}]
+    return cfg
+
+
+def time_steps(trainer: Trainer, x, y, device, warmup: int, min_time: float, min_reps: int, max_reps: int):
+    trainer.model.train()
+    for _ in range(warmup):
+        trainer.train_step(x, y)
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        trainer.train_step(x, y)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="mlp,resnet20,vit")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per variant (default 2)")
+    p.add_argument("--min-reps", type=int, default=10)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+        return 2
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for m in models:
+        if m not in MODELS:
+            print(f"error: unknown model {m!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
+            return 2
+    for v in variants:
+        if v not in VARIANTS:
+            print(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+            return 2
+
+    env = env_header(device)
+    print("# codeq training-step benchmark (median ms per step: forward, loss terms, backward, optimizer step)")
+    for k, v in env.items():
+        if k != "codeq_info":
+            print(f"#   {k}: {v}")
+    print(f"#   batch: {args.batch}")
+    print(f"{'model':<10} {'variant':<24} {'median ms':>10} {'x baseline':>11} {'steps':>6}")
+    results = []
+    for m in models:
+        base_ms = None
+        for v in variants:
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            cfg = config_from_dict(make_config(m, v, args.batch, args.device))
+            model = build_model(cfg).to(device)
+            opt = build_optimizer(cfg, model)
+            sched = build_scheduler(cfg, opt)
+            trainer = Trainer(cfg, device, model, opt, sched, None, None, torch.Generator())
+            x = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device)
+            y = torch.randint(0, 10, (args.batch,), device=device)
+            warmup = 3 if cfg.use_compile else 2
+            med, reps = time_steps(trainer, x, y, device, warmup, args.min_time, args.min_reps, 500)
+            ms = med * 1e3
+            if v == "baseline":
+                base_ms = ms
+            ratio = ms / base_ms if base_ms else float("nan")
+            results.append({"model": m, "variant": v, "median_ms": ms, "ratio_to_baseline": ratio, "steps": reps})
+            print(f"{m:<10} {v:<24} {ms:10.2f} {ratio:10.2f}x {reps:6d}", flush=True)
+            del trainer, model, opt
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+        os.replace(tmp, args.out)
+        print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
