@@ -11,6 +11,7 @@
 #include "codeq/deadzone.h"
 #include "codeq/checks.h"
 #include "cpu/quantile_cpu.h"
+#include "cpu/simd.h"
 
 namespace codeq {
 namespace cpu {
@@ -18,6 +19,47 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;        // elements per parallel task
 constexpr int64_t kReduceChunk = 1 << 16;  // fixed chunk of the deterministic sums
+
+// The hot loops, one function each so that they get AVX2/AVX-512 clones.
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void forward_loop(const scalar_t* __restrict w, scalar_t* __restrict out, int64_t b, int64_t e,
+                                   CT s, CT delta, CT Q) {
+  for (int64_t i = b; i < e; ++i) {
+    out[i] = static_cast<scalar_t>(dz::forward_element<CT>(static_cast<CT>(w[i]), s, delta, Q));
+  }
+}
+
+// dL/dw over [b, e) and the chunk's two sums (8 independent lanes of double
+// accumulators, summed in a fixed order: deterministic).
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void backward_loop(const scalar_t* __restrict g, const scalar_t* __restrict w,
+                                    scalar_t* __restrict out, int64_t b, int64_t e, CT s, CT delta, CT Q,
+                                    double* sum_s, double* sum_d) {
+  constexpr int L = 8;
+  double acc_s[L] = {0}, acc_d[L] = {0};
+  int64_t i = b;
+  for (; i + L <= e; i += L) {
+    for (int j = 0; j < L; ++j) {
+      const auto t = dz::backward_element<CT>(static_cast<CT>(g[i + j]), static_cast<CT>(w[i + j]), s, delta, Q);
+      out[i + j] = static_cast<scalar_t>(t.grad_w);
+      acc_s[j] += static_cast<double>(t.gs);
+      acc_d[j] += static_cast<double>(t.gdelta);
+    }
+  }
+  for (int j = 0; i < e; ++i, ++j) {
+    const auto t = dz::backward_element<CT>(static_cast<CT>(g[i]), static_cast<CT>(w[i]), s, delta, Q);
+    out[i] = static_cast<scalar_t>(t.grad_w);
+    acc_s[j] += static_cast<double>(t.gs);
+    acc_d[j] += static_cast<double>(t.gdelta);
+  }
+  double ts = 0, td = 0;
+  for (int j = 0; j < L; ++j) {
+    ts += acc_s[j];
+    td += acc_d[j];
+  }
+  *sum_s = ts;
+  *sum_d = td;
+}
 
 at::Tensor abs_quantile_cpu(const at::Tensor& x, double q) {
   check_float_tensor(x, "abs_quantile", "x");
@@ -59,11 +101,7 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, con
                                        static_cast<TH>(max_bits));
     });
     const CT s = sc.s, delta = sc.delta, Q = sc.Q;
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        op[i] = static_cast<scalar_t>(dz::forward_element<CT>(static_cast<CT>(wp[i]), s, delta, Q));
-      }
-    });
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { forward_loop<scalar_t, CT>(wp, op, b, e, s, delta, Q); });
     scalars = at::empty({dz::kNumScalars}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
     CT* sp = scalars.mutable_data_ptr<CT>();
     sp[dz::kA] = sc.a;
@@ -105,31 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cpu(const at::T
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c * kReduceChunk, e = std::min(n, b + kReduceChunk);
-        constexpr int L = 8;
-        double acc_s[L] = {0}, acc_d[L] = {0};
-        int64_t i = b;
-        for (; i + L <= e; i += L) {
-          for (int j = 0; j < L; ++j) {
-            const auto t = dz::backward_element<CT>(static_cast<CT>(gp[i + j]), static_cast<CT>(wp[i + j]), s,
-                                                    delta, Q);
-            out[i + j] = static_cast<scalar_t>(t.grad_w);
-            acc_s[j] += static_cast<double>(t.gs);
-            acc_d[j] += static_cast<double>(t.gdelta);
-          }
-        }
-        for (int j = 0; i < e; ++i, ++j) {
-          const auto t = dz::backward_element<CT>(static_cast<CT>(gp[i]), static_cast<CT>(wp[i]), s, delta, Q);
-          out[i] = static_cast<scalar_t>(t.grad_w);
-          acc_s[j] += static_cast<double>(t.gs);
-          acc_d[j] += static_cast<double>(t.gdelta);
-        }
-        double ts = 0, td = 0;
-        for (int j = 0; j < L; ++j) {
-          ts += acc_s[j];
-          td += acc_d[j];
-        }
-        part_s[c] = ts;
-        part_d[c] = td;
+        backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
       }
     });
     double G_s = 0, G_d = 0;

@@ -1,68 +1,120 @@
-// Exact q-quantile of |x| on the CPU in O(n): one parallel histogram pass over
-// the top 15 bits of the order-preserving key (codeq/select.h), then an
-// nth_element over the few elements of the one or two bins that hold ranks lo
-// and lo+1.  Bitwise equal to sorting |x| (ties and the lerp included).
+// Exact q-quantile of |x| on the CPU in O(n): a radix select over the
+// order-preserving keys of codeq/select.h.
+//
+//   pass 1 (parallel): histogram of the top kBits1 key bits (an L1-resident
+//           table, kCopies interleaved copies so that runs of equal bins do not
+//           serialise on one counter);
+//   pass 2 (parallel): gather the keys of the one or two bins holding ranks lo
+//           and lo+1;
+//   then, in memory, narrow the candidates with further 8-bit radix passes
+//   until few are left, and nth_element.
+// Bitwise equal to sorting |x| (ties and the lerp included).
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "codeq/deadzone.h"
 #include "codeq/select.h"
+#include "cpu/simd.h"
 
 namespace codeq {
 namespace cpu {
+
+constexpr int kBits1 = 11;  // first pass: sign-cleared exponent + top mantissa bits
+constexpr int kBins1 = 1 << kBits1;
+constexpr int kCopies = 4;
+
+template <typename CT>
+constexpr int key_shift1() {
+  return select::KeyTraits<CT>::kBits - 1 - kBits1;
+}
+
+// Pass 1 over [b, e): counts per bin in hist[kBins1] (summed over kCopies
+// interleaved tables); returns true if a NaN was seen.
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES bool histogram_pass(const scalar_t* __restrict data, int64_t b, int64_t e, uint32_t* __restrict hist) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  constexpr int shift = key_shift1<CT>();
+  uint32_t tables[kCopies][kBins1] = {};
+  Key maxkey = 0;
+  int64_t i = b;
+  for (; i + kCopies <= e; i += kCopies) {
+    for (int c = 0; c < kCopies; ++c) {
+      const Key k = select::abs_key<CT>(static_cast<CT>(data[i + c]));
+      maxkey = std::max(maxkey, k);
+      tables[c][k >> shift]++;
+    }
+  }
+  for (; i < e; ++i) {
+    const Key k = select::abs_key<CT>(static_cast<CT>(data[i]));
+    maxkey = std::max(maxkey, k);
+    tables[0][k >> shift]++;
+  }
+  for (int bin = 0; bin < kBins1; ++bin) {
+    uint32_t s = 0;
+    for (int c = 0; c < kCopies; ++c) s += tables[c][bin];
+    hist[bin] = s;
+  }
+  return select::key_is_nan<CT>(maxkey);
+}
+
+// The key of rank k (0-based) in cand and, if want_next, the key of rank k+1;
+// cand is reordered.
+template <typename Key>
+void select_two(std::vector<Key>& cand, int64_t k, bool want_next, Key& out_k, Key& out_next) {
+  std::nth_element(cand.begin(), cand.begin() + k, cand.end());
+  out_k = cand[k];
+  out_next = out_k;
+  if (want_next) out_next = *std::min_element(cand.begin() + k + 1, cand.end());
+}
 
 template <typename scalar_t, typename CT = typename AccType<scalar_t>::type>
 CT abs_quantile(const scalar_t* data, int64_t n, double q) {
   using Traits = select::KeyTraits<CT>;
   using Key = typename Traits::Key;
+  constexpr int shift = key_shift1<CT>();
   const auto rank = dz::quantile_rank<CT>(n, q);
 
   std::vector<Key> cand;
   int64_t prefix = 0;
-  bool has_nan = false;
 
-  constexpr int64_t kSmall = 1 << 14;
+  constexpr int64_t kSmall = 1 << 12;
   if (n <= kSmall) {
     cand.resize(n);
+    bool has_nan = false;
     for (int64_t i = 0; i < n; ++i) {
       cand[i] = select::abs_key<CT>(static_cast<CT>(data[i]));
       has_nan |= select::key_is_nan<CT>(cand[i]);
     }
+    if (has_nan) return static_cast<CT>(NAN);  // torch.quantile: any NaN -> NaN
   } else {
-    // Pass 1: one histogram per chunk (no races, no dependence on thread ids).
-    const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kSmall));
+    // Fixed chunking (independent of thread ids; uint32 counts per chunk).
+    const int64_t max_chunk = int64_t(1) << 30;
+    const int64_t nchunks = std::max<int64_t>({int64_t(1), std::min<int64_t>(at::get_num_threads(), n / kSmall),
+                                               (n + max_chunk - 1) / max_chunk});
     const int64_t chunk = (n + nchunks - 1) / nchunks;
-    const int nb = select::kFirstBins;
-    std::vector<int64_t> hist(static_cast<size_t>(nchunks) * nb, 0);
+    std::vector<uint32_t> hist(static_cast<size_t>(nchunks) * kBins1, 0);
     std::vector<char> nan_seen(nchunks, 0);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        int64_t* h = hist.data() + c * nb;
         const int64_t b = c * chunk, e = std::min(n, b + chunk);
-        bool nan_here = false;
-        for (int64_t i = b; i < e; ++i) {
-          const Key k = select::abs_key<CT>(static_cast<CT>(data[i]));
-          nan_here |= select::key_is_nan<CT>(k);
-          h[select::first_bin<CT>(k)]++;
-        }
-        nan_seen[c] = nan_here;
+        nan_seen[c] = histogram_pass<scalar_t, CT>(data, b, e, hist.data() + c * kBins1);
       }
     });
-    for (int64_t c = 0; c < nchunks; ++c) has_nan |= nan_seen[c] != 0;
-    if (has_nan) return static_cast<CT>(NAN);
-    for (int64_t c = 1; c < nchunks; ++c) {
-      const int64_t* h = hist.data() + c * nb;
-      for (int b = 0; b < nb; ++b) hist[b] += h[b];
-    }
+    for (int64_t c = 0; c < nchunks; ++c)
+      if (nan_seen[c]) return static_cast<CT>(NAN);
+    std::vector<int64_t> total(kBins1, 0);
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int b = 0; b < kBins1; ++b) total[b] += hist[c * kBins1 + b];
     // Bins of ranks lo and hi.
     int b_lo = -1, b_hi = -1;
     int64_t cum = 0;
-    for (int b = 0; b < nb; ++b) {
-      const int64_t next = cum + hist[b];
+    for (int b = 0; b < kBins1; ++b) {
+      const int64_t next = cum + total[b];
       if (b_lo < 0 && rank.lo < next) {
         b_lo = b;
         prefix = cum;
@@ -73,7 +125,9 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
       }
       cum = next;
     }
-    // Pass 2: gather the keys of bins [b_lo, b_hi] (per chunk, then joined).
+    // Pass 2: gather the keys of bins [b_lo, b_hi].
+    const Key key_lo = static_cast<Key>(b_lo) << shift;
+    const Key key_hi = (static_cast<Key>(b_hi + 1) << shift) - 1;
     std::vector<std::vector<Key>> parts(nchunks);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -81,23 +135,57 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
         auto& out = parts[c];
         for (int64_t i = b; i < e; ++i) {
           const Key k = select::abs_key<CT>(static_cast<CT>(data[i]));
-          const int bin = select::first_bin<CT>(k);
-          if (bin >= b_lo && bin <= b_hi) out.push_back(k);
+          if (k >= key_lo && k <= key_hi) out.push_back(k);
         }
       }
     });
-    size_t total = 0;
-    for (auto& p : parts) total += p.size();
-    cand.reserve(total);
+    size_t count = 0;
+    for (auto& p : parts) count += p.size();
+    cand.reserve(count);
     for (auto& p : parts) cand.insert(cand.end(), p.begin(), p.end());
-  }
-  if (has_nan) return static_cast<CT>(NAN);  // torch.quantile: any NaN -> NaN
 
-  const int64_t k = rank.lo - prefix;
-  std::nth_element(cand.begin(), cand.begin() + k, cand.end());
-  const Key k_lo = cand[k];
-  Key k_hi = k_lo;
-  if (rank.hi != rank.lo) k_hi = *std::min_element(cand.begin() + k + 1, cand.end());
+    // Narrow large candidate sets (heavy ties, flat distributions) with 8-bit
+    // radix passes over the next key bits before the final nth_element.
+    int level_shift = shift;
+    while (cand.size() > 4096 && level_shift > 0) {
+      level_shift = std::max(0, level_shift - 8);
+      // The candidates share their bits above the previous level (one or two
+      // neighbouring bins), so the next 8 bits span at most 512 buckets.
+      const Key kmin = *std::min_element(cand.begin(), cand.end());
+      const Key kmax = *std::max_element(cand.begin(), cand.end());
+      const Key lo_b = kmin >> level_shift, hi_b = kmax >> level_shift;
+      if (hi_b - lo_b >= (Key(1) << 12)) break;  // unexpected spread: let nth_element finish
+      std::vector<int64_t> h(static_cast<size_t>(hi_b - lo_b + 1), 0);
+      for (Key k : cand) h[(k >> level_shift) - lo_b]++;
+      int64_t c2 = prefix;
+      size_t bl = SIZE_MAX, bh = SIZE_MAX;
+      int64_t new_prefix = prefix;
+      for (size_t bb = 0; bb < h.size(); ++bb) {
+        const int64_t next = c2 + h[bb];
+        if (bl == SIZE_MAX && rank.lo < next) {
+          bl = bb;
+          new_prefix = c2;
+        }
+        if (rank.hi < next) {
+          bh = bb;
+          break;
+        }
+        c2 = next;
+      }
+      if (bl == 0 && bh == h.size() - 1) break;  // no progress possible at this level
+      std::vector<Key> next_cand;
+      next_cand.reserve(static_cast<size_t>(h[bl] + (bh != bl ? h[bh] : 0)));
+      for (Key k : cand) {
+        const Key kb = (k >> level_shift) - lo_b;
+        if (kb >= bl && kb <= bh) next_cand.push_back(k);
+      }
+      cand.swap(next_cand);
+      prefix = new_prefix;
+    }
+  }
+
+  Key k_lo, k_hi;
+  select_two(cand, rank.lo - prefix, rank.hi != rank.lo, k_lo, k_hi);
   return dz::lerp<CT>(select::key_value<CT>(k_lo), select::key_value<CT>(k_hi), rank.weight);
 }
 

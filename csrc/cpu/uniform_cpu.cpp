@@ -11,6 +11,7 @@
 #include "codeq/checks.h"
 #include "codeq/select.h"
 #include "codeq/uniform.h"
+#include "cpu/simd.h"
 
 namespace codeq {
 namespace cpu {
@@ -20,6 +21,19 @@ constexpr int64_t kGrain = 1 << 15;
 
 void check_bitwidth(int64_t b, const char* op) {
   TORCH_CHECK(b >= 2 && b <= 16, "codeq.", op, ": bitwidth must be an integer in [2, 16], got ", b);
+}
+
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void forward_loop(const scalar_t* __restrict w, scalar_t* __restrict out, int64_t b, int64_t e, CT a,
+                                   CT s, CT Q) {
+  for (int64_t i = b; i < e; ++i) out[i] = static_cast<scalar_t>(uniform::forward_element<CT>(static_cast<CT>(w[i]), a, s, Q));
+}
+
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void backward_loop(const scalar_t* __restrict g, const scalar_t* __restrict w,
+                                    scalar_t* __restrict out, int64_t b, int64_t e, CT a, CT s, CT Q) {
+  for (int64_t i = b; i < e; ++i)
+    out[i] = static_cast<scalar_t>(uniform::backward_element<CT>(static_cast<CT>(g[i]), static_cast<CT>(w[i]), a, s, Q));
 }
 
 // max|x| with NaN as the largest value (torch.amax propagates NaN).
@@ -54,11 +68,7 @@ std::tuple<at::Tensor, at::Tensor> uniform_forward_cpu(const at::Tensor& w, int6
     const CT a = abs_max<scalar_t, CT>(wp, n);
     const CT Q = uniform::levels<CT>(bitwidth);
     const CT s = a / Q;
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        op[i] = static_cast<scalar_t>(uniform::forward_element<CT>(static_cast<CT>(wp[i]), a, s, Q));
-      }
-    });
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { forward_loop<scalar_t, CT>(wp, op, b, e, a, s, Q); });
     scale = at::empty({2}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
     scale.mutable_data_ptr<CT>()[0] = a;
     scale.mutable_data_ptr<CT>()[1] = s;
@@ -86,12 +96,7 @@ at::Tensor uniform_backward_cpu(const at::Tensor& grad, const at::Tensor& w, con
     const scalar_t* wp = wc.const_data_ptr<scalar_t>();
     const scalar_t* gp = gc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        op[i] = static_cast<scalar_t>(
-            uniform::backward_element<CT>(static_cast<CT>(gp[i]), static_cast<CT>(wp[i]), a, s, Q));
-      }
-    });
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { backward_loop<scalar_t, CT>(gp, wp, op, b, e, a, s, Q); });
   });
   return out;
 }
