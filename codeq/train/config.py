@@ -107,7 +107,7 @@ class Config:
     epochs: int
     optimizer: OptimizerConfig
     model_kwargs: dict = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int = 128  # per process: the global batch under DDP is batch_size x world size
     img_size: int = 32
     device: str = "cpu"
     seed: int = 0
@@ -120,6 +120,9 @@ class Config:
     wandb_mode: str | None = None
     log_interval: int = 50
     save_best: bool = True
+    distributed: Any = "auto"  # "auto" (DDP when launched by torchrun with WORLD_SIZE > 1), True or False
+    sync_bn: bool = False
+    dist_timeout_min: float = 30.0
     quantizer: QuantizerConfig | None = None
     loss_terms: list = field(default_factory=list)  # list[LossTermConfig]
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -147,6 +150,9 @@ _TOP_KEYS = {
     "wandb_mode": ("str?", None),
     "log_interval": ("int", 50),
     "save_best": ("bool", True),
+    "distributed": ("autobool", "auto"),
+    "sync_bn": ("bool", False),
+    "dist_timeout_min": ("float", 30.0),
     "quantizer": ("mapping?", None),
     "loss_terms": ("list?", []),
     "dataset": ("mapping?", {}),
@@ -169,6 +175,7 @@ _TYPE_WORDS = {
     "int?": "an integer or null",
     "float": "a number",
     "bool": "true/false (or 1/0)",
+    "autobool": "auto, true or false",
     "mapping": "a mapping",
     "mapping?": "a mapping or null",
     "list?": "a list or null",
@@ -199,6 +206,15 @@ def _check_type(path: str, v: Any, kind: str) -> Any:
             v = float(v)
     elif base == "bool":
         if isinstance(v, bool):
+            pass
+        elif isinstance(v, int) and v in (0, 1):
+            v = bool(v)
+        else:
+            ok = False
+    elif base == "autobool":
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            v = "auto"
+        elif isinstance(v, bool):
             pass
         elif isinstance(v, int) and v in (0, 1):
             v = bool(v)
@@ -343,6 +359,8 @@ def config_from_dict(d: dict) -> Config:
         if top[k] < 0:
             raise ConfigError(f"{k} must be 0 or more, got {top[k]}")
     _check_device(top["device"])
+    if not 0 < top["dist_timeout_min"] < float("inf"):
+        raise ConfigError(f"dist_timeout_min must be more than 0 (minutes), got {top['dist_timeout_min']}")
     _choice("lr_scheduler", top["lr_scheduler"], SCHEDULER_REGISTRY, "lr_scheduler")
     if top["wandb_mode"] is not None:
         _choice("wandb_mode", top["wandb_mode"], WANDB_MODES, "wandb_mode")
@@ -407,6 +425,9 @@ def config_from_dict(d: dict) -> Config:
         wandb_mode=top["wandb_mode"],
         log_interval=top["log_interval"],
         save_best=top["save_best"],
+        distributed=top["distributed"],
+        sync_bn=top["sync_bn"],
+        dist_timeout_min=top["dist_timeout_min"],
         quantizer=quant,
         loss_terms=terms,
         dataset=dataset,
@@ -444,6 +465,9 @@ def config_to_dict(cfg: Config) -> dict:
         "wandb_mode": cfg.wandb_mode,
         "log_interval": cfg.log_interval,
         "save_best": bool(cfg.save_best),
+        "distributed": cfg.distributed,
+        "sync_bn": bool(cfg.sync_bn),
+        "dist_timeout_min": float(cfg.dist_timeout_min),
         "quantizer": None
         if cfg.quantizer is None
         else {

@@ -171,18 +171,36 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device):
+def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device, dist=None):
     """(train_loader, val_loader, generator).  Reseed ``generator`` with
-    :func:`epoch_seed` before each epoch: the data order then depends only on
-    (seed, epoch), which makes --resume continue the same sequence."""
+    :func:`epoch_seed` before each epoch (and call ``train_loader.sampler.set_epoch``):
+    the data order then depends only on (seed, epoch), which makes --resume
+    continue the same sequence.  The order of epoch ``e`` is ``torch.randperm(n)``
+    from a generator seeded with ``epoch_seed(seed, e)``
+    (:class:`~codeq.train.distributed.EpochDistributedSampler`); ``generator``
+    also gives the DataLoader's worker seeds.
+
+    ``dist`` (an enabled :class:`codeq.train.distributed.DistContext`): each
+    process loads ``cfg.batch_size`` samples per step, rank r taking positions
+    r, r + W, ... of the same permutation; validation through
+    :class:`~codeq.train.distributed.ShardSampler` (each image once)."""
+    from codeq.train.distributed import EpochDistributedSampler, ShardSampler
+
+    world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
     g = torch.Generator()
-    g.manual_seed(epoch_seed(cfg.seed, 0))
+    g.manual_seed(epoch_seed(cfg.seed + rank, 0))
     common = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.workers > 0,
     )
-    train = DataLoader(train_ds, shuffle=True, generator=g, drop_last=False, **common)
-    val = DataLoader(val_ds, shuffle=False, **common)
+    # One process: the order follows the seed put into g (epoch_seed(seed, e)).
+    # DDP: g is per rank (worker seeds), the order follows set_epoch(e).
+    train_sampler = EpochDistributedSampler(train_ds, world, rank, seed=cfg.seed, generator=None if world > 1 else g)
+    train = DataLoader(train_ds, sampler=train_sampler, generator=g, drop_last=False, **common)
+    if world > 1:
+        val = DataLoader(val_ds, sampler=ShardSampler(val_ds, world, rank), **common)
+    else:
+        val = DataLoader(val_ds, shuffle=False, **common)
     return train, val, g

@@ -20,6 +20,7 @@ from codeq.train import build
 from codeq.train.checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from codeq.train.config import Config, ConfigError, config_to_dict
 from codeq.train.data import build_loaders, epoch_seed
+from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash
 from codeq.train.logging import Console, MetricsFile, WandbLogger, warn
 
 __all__ = ["Trainer", "seed_everything", "resolve_device", "check_resume_compatible", "RESUME_KEYS"]
@@ -81,11 +82,13 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, device: torch.device, model: nn.Module, optimizer, scheduler,
-                 train_loader, val_loader, generator: torch.Generator):
+                 train_loader, val_loader, generator: torch.Generator, dist: DistContext | None = None):
         self.cfg = cfg
         self.device = device
-        self.model = model
-        self.net = torch.compile(model) if cfg.use_compile else model  # what the forward pass calls
+        self.model = model  # the unwrapped model: state dicts, loss terms, statistics, report
+        self.net = torch.compile(model) if cfg.use_compile else model  # what the training forward pass calls
+        self.eval_net = self.net  # what evaluation calls (never the DDP wrapper: no collectives there)
+        self.dist = dist if dist is not None else DistContext()
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.train_loader = train_loader
@@ -97,15 +100,34 @@ class Trainer:
         self.quantized = [(name, module, q) for name, module, q in iter_quantizers(model)]
 
     @classmethod
-    def from_config(cls, cfg: Config, device: torch.device | str | None = None) -> "Trainer":
+    def from_config(cls, cfg: Config, device: torch.device | str | None = None,
+                    dist: DistContext | None = None) -> "Trainer":
+        """Seed, build data sets, model, optimizer, scheduler and loaders (no
+        collectives).  With an enabled ``dist`` the loaders read this rank's
+        shard; call :meth:`distribute` afterwards to wrap the model in DDP."""
         device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        # The base seed on every rank: identical model initialisation everywhere.
         seed_everything(cfg.seed)
         train_ds, val_ds = build.build_datasets(cfg)  # ConfigError if missing: before anything is written
         model = build.build_model(cfg).to(device)
         optimizer = build.build_optimizer(cfg, model)
         scheduler = build.build_scheduler(cfg, optimizer)
-        train_loader, val_loader, g = build_loaders(cfg, train_ds, val_ds, device)
-        return cls(cfg, device, model, optimizer, scheduler, train_loader, val_loader, g)
+        train_loader, val_loader, g = build_loaders(cfg, train_ds, val_ds, device, dist=dist)
+        trainer = cls(cfg, device, model, optimizer, scheduler, train_loader, val_loader, g, dist=dist)
+        if dist is not None and dist.enabled and cfg.sync_bn:
+            check_sync_bn(model, device, dist.world_size)  # a ConfigError now, before any collective
+        return trainer
+
+    def distribute(self) -> None:
+        """Wrap the model in DistributedDataParallel (after the checkpoint, if
+        any, is loaded; DDP broadcasts rank 0's parameters and buffers).  The
+        training forward pass goes through the wrapper; loss terms, evaluation,
+        statistics and checkpoints use the unwrapped ``self.model``."""
+        if not self.dist.enabled:
+            return
+        ddp = self.dist.wrap(self.model, self.device, sync_bn=self.cfg.sync_bn)
+        self.net = torch.compile(ddp) if self.cfg.use_compile else ddp
+        self.eval_net = torch.compile(self.model) if self.cfg.use_compile else self.model
 
     # ------------------------------------------------------------- steps --
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor):
@@ -117,7 +139,7 @@ class Trainer:
             ce = F.cross_entropy(logits, y)
             loss = ce
             for _, fn, lam, kwargs in self.loss_terms:
-                loss = loss + lam * fn(self.model, **kwargs)
+                loss = loss + lam * fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
         return loss, ce, logits
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
@@ -132,7 +154,15 @@ class Trainer:
         """Returns [loss sum, CE sum, correct, count] on the device (not read)."""
         cfg = self.cfg
         self.model.train()
-        self.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+        rank = self.dist.rank
+        if self.dist.enabled:
+            # Augmentation randomness (global RNGs in the main process, worker seeds
+            # through the generator) differs per rank: seed + rank, per epoch.
+            seed_everything(epoch_seed(cfg.seed + rank, epoch) % 2**32)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # the data order: (seed, epoch), the same on all ranks
+        self.generator.manual_seed(epoch_seed(cfg.seed + rank, epoch))
         dev = self.device
         acc = torch.zeros(3, dtype=torch.float64, device=dev)
         n = 0
@@ -140,6 +170,7 @@ class Trainer:
         if console is not None:
             console.start_epoch(epoch, cfg.epochs, n_batches)
         for step, (x, y) in enumerate(self.train_loader, 1):
+            maybe_test_crash(rank, epoch, step)
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
             loss, ce, correct = self.train_step(x, y)
@@ -165,7 +196,7 @@ class Trainer:
             for x, y in self.val_loader:
                 x = x.to(dev, non_blocking=True)
                 y = y.to(dev, non_blocking=True)
-                logits = self.net(x)
+                logits = self.eval_net(x)
                 acc += torch.stack([
                     F.cross_entropy(logits.float(), y, reduction="sum").double(),
                     (logits.argmax(1) == y).sum().double(),
@@ -254,7 +285,8 @@ class Trainer:
 
     def load_checkpoint_state(self, ckpt: dict, path: str = "the checkpoint") -> None:
         """Restore model, optimizer, scheduler, epoch, best accuracy and RNG
-        states (ConfigError when the checkpoint does not fit this config)."""
+        states (ConfigError when the checkpoint does not fit this config).
+        Call before :meth:`distribute`; every rank loads the same file."""
         check_resume_compatible(ckpt.get("config") or {}, self.cfg, path)
         epoch = int(ckpt.get("epoch", 0))
         if epoch >= self.cfg.epochs:
@@ -285,9 +317,10 @@ class Trainer:
         epoch) and best.th (when val accuracy improves) into ``run_dir``; then
         the compression report.  Returns the epoch records of this call."""
         cfg = self.cfg
-        metrics = MetricsFile(run_dir, keep_epochs=self.start_epoch)
-        wandb = WandbLogger(cfg, run_dir, run_name or os.path.basename(run_dir), config_to_dict(cfg))
-        console = console or Console(cfg.epochs, self.start_epoch)
+        main = self.dist.is_main  # only rank 0 writes files, logs and prints
+        metrics = MetricsFile(run_dir, keep_epochs=self.start_epoch) if main else None
+        wandb = WandbLogger(cfg, run_dir, run_name or os.path.basename(run_dir), config_to_dict(cfg)) if main else None
+        console = (console or Console(cfg.epochs, self.start_epoch)) if main else None
         end = cfg.epochs if stop_after is None else min(cfg.epochs, self.start_epoch + stop_after)
         records = []
         try:
@@ -298,6 +331,9 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 val = self.evaluate()
+                if self.dist.enabled:  # sums over all ranks' shards: one all_reduce of 7 numbers
+                    both = self.dist.all_reduce_sum(torch.cat([train, val]))
+                    train, val = both[:4], both[4:]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 rec = self.epoch_record(epoch, train, val, lrs, time.perf_counter() - t0)
@@ -306,6 +342,8 @@ class Trainer:
                 if improved:
                     self.best_acc = rec["val_acc"]
                 rec["best_acc"] = self.best_acc
+                if not main:
+                    continue
                 metrics.write(rec)
                 wandb.log(rec, step=epoch + 1)
                 state = self.checkpoint_state(epoch + 1)
@@ -315,8 +353,12 @@ class Trainer:
                 console.end_epoch()
                 console.line(_summary_line(rec, cfg.epochs))
         finally:
-            console.close()
-            wandb.finish()
+            if console is not None:
+                console.close()
+            if wandb is not None:
+                wandb.finish()
+        if not main:
+            return records
         if end < cfg.epochs:
             console.line(
                 f"stopped after epoch {end} of {cfg.epochs}; continue with "
