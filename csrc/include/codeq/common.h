@@ -14,6 +14,10 @@
 #include <cmath>
 #include <cstdint>
 
+// CODEQ_DEVICE_CODE: compiled by nvcc (host and device passes).  The device
+// intrinsics below are selected with __CUDA_ARCH__, i.e. only in the device
+// pass; the host pass of a .cu file and the CPU build (.cpp, g++) compile the
+// plain C++ branches, which are the CPU kernels' code, unchanged.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CODEQ_HD __host__ __device__ __forceinline__
 #define CODEQ_DEVICE_CODE 1
@@ -51,7 +55,7 @@ CODEQ_HD T clamp_nan(T x, T lo, T hi) {
 // rounded once to an integer.  Callers only use it on values already clamped
 // to the quantizer range [-Q, Q] (Q <= 2^15), where it equals torch.round.
 CODEQ_HD float round_small(float x) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return rintf(x);
 #else
   const float magic = 12582912.0f;  // 1.5 * 2^23
@@ -59,7 +63,7 @@ CODEQ_HD float round_small(float x) {
 #endif
 }
 CODEQ_HD double round_small(double x) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return rint(x);
 #else
   const double magic = 6755399441055744.0;  // 1.5 * 2^52
@@ -78,28 +82,28 @@ CODEQ_HD double tanh_cr(double x) { return tanh(x); }
 // the CPU and CUDA kernels round every intermediate exactly as torch's eager
 // (unfused) reference does.
 CODEQ_HD float mul_rn(float a, float b) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return __fmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 CODEQ_HD double mul_rn(double a, double b) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 CODEQ_HD float add_rn(float a, float b) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return __fadd_rn(a, b);
 #else
   return a + b;
 #endif
 }
 CODEQ_HD double add_rn(double a, double b) {
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   return __dadd_rn(a, b);
 #else
   return a + b;

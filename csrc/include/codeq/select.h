@@ -36,7 +36,7 @@ struct KeyTraits<double> {
 template <typename CT>
 CODEQ_HD typename KeyTraits<CT>::Key abs_key(CT x) {
   typename KeyTraits<CT>::Key k;
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   if constexpr (sizeof(CT) == 4) {
     k = static_cast<typename KeyTraits<CT>::Key>(__float_as_uint(x));
   } else {
@@ -51,7 +51,7 @@ CODEQ_HD typename KeyTraits<CT>::Key abs_key(CT x) {
 template <typename CT>
 CODEQ_HD CT key_value(typename KeyTraits<CT>::Key k) {
   CT x;
-#ifdef CODEQ_DEVICE_CODE
+#ifdef __CUDA_ARCH__
   if constexpr (sizeof(CT) == 4) {
     x = __uint_as_float(static_cast<unsigned int>(k));
   } else {
@@ -76,6 +76,60 @@ constexpr int kFirstBins = 1 << kFirstBits;
 template <typename CT>
 CODEQ_HD int first_bin(typename KeyTraits<CT>::Key k) {
   return static_cast<int>(k >> (KeyTraits<CT>::kBits - 1 - kFirstBits));
+}
+
+// ------------------------------------------------- multi-pass radix select --
+// The CUDA quantile (csrc/cuda/quantile_cuda.cu) selects the key of rank lo by
+// kPasses digit passes of at most kDigitBits bits each, from the most
+// significant bit of the (sign-cleared) key down to bit 0.  Pass p only counts
+// the keys that share the bits above pass_hi_bit(p) with the prefix chosen so
+// far (the "group"); after the last pass the prefix is the key itself.
+// Float keys: 31 bits = 11 + 11 + 9 (3 passes); double: 63 bits, 6 passes.
+// These helpers are plain host/device code; tests/select_emulation.cpp runs the
+// same schedule sequentially on the host against a full sort.
+constexpr int kDigitBits = 11;
+constexpr int kDigitBins = 1 << kDigitBits;
+
+template <typename CT>
+struct Radix {
+  using Key = typename KeyTraits<CT>::Key;
+  static constexpr int kKeyBits = KeyTraits<CT>::kBits - 1;  // the sign bit is always 0
+  static constexpr int kPasses = (kKeyBits + kDigitBits - 1) / kDigitBits;
+
+  // Bits [pass_shift(p), pass_hi_bit(p)) are the digit of pass p.
+  static CODEQ_HD int pass_hi_bit(int p) { return kKeyBits - kDigitBits * p; }
+  static CODEQ_HD int pass_shift(int p) {
+    const int s = pass_hi_bit(p) - kDigitBits;
+    return s > 0 ? s : 0;
+  }
+  // True when k has the bits of prefix above bit hi (hi <= kKeyBits < bit width).
+  static CODEQ_HD bool in_group(Key k, Key prefix, int hi) { return (k >> hi) == (prefix >> hi); }
+  // True when k lies above every key of the group of prefix.
+  static CODEQ_HD bool above_group(Key k, Key prefix, int hi) { return (k >> hi) > (prefix >> hi); }
+  static CODEQ_HD int digit(Key k, int p) {
+    const int sh = pass_shift(p);
+    const Key mask = (Key(1) << (pass_hi_bit(p) - sh)) - 1;
+    return static_cast<int>((k >> sh) & mask);
+  }
+  static CODEQ_HD Key with_digit(Key prefix, int p, int d) { return prefix | (static_cast<Key>(d) << pass_shift(p)); }
+};
+
+// After the last pass: the key of rank lo is k_lo, which is the digit d_lo of
+// the last histogram.  The key of rank hi (= lo + 1, or lo when lo is the last
+// rank) is k_lo again when the ranks tie (rank_in_bin + 1 < count of that
+// bin), else the next non-empty digit of the last histogram (d_next >= 0), else
+// the smallest key above the last group (min_above), which then exists.
+template <typename CT>
+CODEQ_HD typename Radix<CT>::Key resolve_hi(typename Radix<CT>::Key k_lo, bool same_rank, int64_t rank_in_bin,
+                                            int64_t count_in_bin, int d_next, typename Radix<CT>::Key min_above) {
+  if (same_rank || rank_in_bin + 1 < count_in_bin) return k_lo;
+  const int last = Radix<CT>::kPasses - 1;
+  if (d_next >= 0) {
+    using Key = typename Radix<CT>::Key;
+    const Key group = (k_lo >> Radix<CT>::pass_hi_bit(last)) << Radix<CT>::pass_hi_bit(last);
+    return Radix<CT>::with_digit(group, last, d_next);
+  }
+  return min_above;
 }
 
 }  // namespace select
