@@ -9,7 +9,7 @@ from codeq import reference
 from codeq.ops import GroupLassoFunction
 from codeq.quantizers import fused_device_types
 
-__all__ = ["group_lasso"]
+__all__ = ["group_lasso", "theta_l2"]
 
 
 def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> torch.Tensor:
@@ -30,3 +30,45 @@ def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: floa
     weights = [w for w, _ in layers]
     lambdas = [lam for _, lam in layers]
     return GroupLassoFunction.apply(lambdas, *weights)[0]
+
+
+def _learnable_logits(model: nn.Module, name: str) -> list:
+    """The learnable parameters called ``name`` (``logit_dz`` / ``logit_bit``)
+    of every quantizer attached to ``model``, each once."""
+    from codeq.parametrize import iter_quantizers
+
+    seen, out = set(), []
+    for _, _, q in iter_quantizers(model):
+        for pname, p in q.named_parameters():
+            if pname.rsplit(".", 1)[-1] == name and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def theta_l2(model: nn.Module, lambda_dz: float = 0.0, lambda_bit: float = 0.0) -> torch.Tensor:
+    """The paper's regulariser of the quantizer logits (arXiv 2512.12981):
+    ``lambda_dz * sum(theta_dz ** 2) + lambda_bit * sum(theta_bit ** 2)`` over
+    the ``logit_dz`` / ``logit_bit`` of every quantizer attached to ``model``,
+    learnable ones only (a frozen logit, e.g. ``logit_bit`` with
+    ``learnable_bit: false``, is left out).  Pulling theta_dz to 0 widens the
+    dead zone (more sparsity), pulling theta_bit to 0 lowers the bit-width.
+
+    A lambda of 0.0 leaves its logits out.  No host syncs: one concatenation,
+    square and sum per group, on the logits' device.  Use it as a trainer loss
+    term with ``lambda: 1`` and the two strengths in ``kwargs``.
+    """
+    total = None
+    for name, lam in (("logit_dz", float(lambda_dz)), ("logit_bit", float(lambda_bit))):
+        if lam == 0.0:
+            continue
+        ps = _learnable_logits(model, name)
+        if not ps:
+            continue
+        term = lam * torch.cat([p.reshape(-1) for p in ps]).square().sum()
+        total = term if total is None else total + term
+    if total is None:
+        ref = next(model.parameters(), None)
+        return torch.zeros((), device=ref.device if ref is not None else None,
+                           dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+    return total

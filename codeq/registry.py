@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from codeq.losses import group_lasso
+from codeq.losses import group_lasso, theta_l2
 from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
 
 __all__ = ["QUANTIZER_REGISTRY", "LOSS_REGISTRY", "register_quantizer", "register_loss"]
@@ -17,6 +17,7 @@ QUANTIZER_REGISTRY: dict[str, Callable] = {
 
 LOSS_REGISTRY: dict[str, Callable] = {
     "group_lasso": group_lasso,
+    "theta_l2": theta_l2,
 }
 
 

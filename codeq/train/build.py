@@ -39,6 +39,8 @@ __all__ = [
     "split_param_groups",
     "ResNet20",
     "MLP",
+    "load_pretrained",
+    "model_num_classes",
 ]
 
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -162,6 +164,92 @@ def vit(num_classes: int = 10, img_size: int = 224, **timm_kwargs) -> nn.Module:
     )
 
 
+@register_model("tiny_vit")
+def tiny_vit(num_classes: int = 10, img_size: int = 224, **timm_kwargs) -> nn.Module:
+    """timm ``tiny_vit_5m_224`` (TinyViT-5M, random init, never downloads), the
+    paper's ViT.  Built for 224x224 inputs (timm's TinyViT has no img_size
+    argument; its attention windows are fixed); extra keys go to timm."""
+    import timm
+
+    if img_size != 224:
+        raise ValueError(f"tiny_vit_5m_224 takes 224x224 inputs; set img_size: 224 (got {img_size})")
+
+    return timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=num_classes, **timm_kwargs)
+
+
+def load_pretrained(model: nn.Module, path: str, what: str) -> nn.Module:
+    """Load a local state dict file into ``model`` (never downloads): a plain
+    state dict, or a dict holding one under "state_dict" or "model"; a
+    "module." prefix (DDP) is stripped.  ConfigError for a missing, unreadable
+    or non-matching file."""
+    import os
+
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"model_kwargs.pretrained_path: weights file not found: {path} (it is never downloaded; save the "
+            f"ImageNet weights of {what} there, or set model_kwargs.pretrained_path: null for a random init)"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model_kwargs.pretrained_path: cannot read {path} as a weights-only torch file: {first}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(
+            f"model_kwargs.pretrained_path: {path} is not a state dict (a mapping of names to tensors, "
+            "or a dict holding one under 'state_dict' or 'model')"
+        )
+    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"model_kwargs.pretrained_path: {path} does not fit {what}: {first}") from None
+    return model
+
+
+def _torchvision_resnet(arch: str, num_classes: int, pretrained_path) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if pretrained_path is not None:
+        load_pretrained(model, pretrained_path, f"torchvision {arch} with {num_classes} classes")
+    return model
+
+
+@register_model("resnet18")
+def resnet18(num_classes: int = 1000, img_size: int = 224, pretrained_path: str | None = None) -> nn.Module:
+    """torchvision ``resnet18`` (ImageNet layout, 1000 classes); ``pretrained_path``
+    names a local weights file to start from (never downloaded)."""
+    return _torchvision_resnet("resnet18", num_classes, pretrained_path)
+
+
+@register_model("resnet50")
+def resnet50(num_classes: int = 1000, img_size: int = 224, pretrained_path: str | None = None) -> nn.Module:
+    """torchvision ``resnet50`` (ImageNet layout, 1000 classes); ``pretrained_path``
+    names a local weights file to start from (never downloaded)."""
+    return _torchvision_resnet("resnet50", num_classes, pretrained_path)
+
+
+def model_num_classes(fn) -> int:
+    """The number of classes a registered model is built with: the default of
+    its ``num_classes`` argument (1000 for the ImageNet models), else 10."""
+    import inspect
+
+    try:
+        default = inspect.signature(fn).parameters["num_classes"].default
+    except (KeyError, TypeError, ValueError):
+        return 10
+    return default if isinstance(default, int) and not isinstance(default, bool) else 10
+
+
 # ------------------------------------------------------ optimizers, scheds --
 OPTIMIZER_REGISTRY: dict[str, type] = {
     "adamw": torch.optim.AdamW,
@@ -178,6 +266,7 @@ SCHEDULER_REGISTRY: dict[str, Callable] = {
 DATASET_REGISTRY: dict[str, Callable] = {
     "cifar10": _data.build_cifar10,
     "synthetic": _data.build_synthetic,
+    "imagefolder": _data.build_imagefolder,
 }
 
 
@@ -198,7 +287,7 @@ def build_model(cfg: Config) -> nn.Module:
 
     fn = MODEL_REGISTRY[cfg.model]
     try:
-        model = fn(num_classes=10, img_size=cfg.img_size, **cfg.model_kwargs)
+        model = fn(num_classes=model_num_classes(fn), img_size=cfg.img_size, **cfg.model_kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise ConfigError(f"cannot build model '{cfg.model}' with model_kwargs {cfg.model_kwargs}: {exc}") from None
     if cfg.quantizer is not None:

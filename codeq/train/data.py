@@ -1,6 +1,7 @@
 """Data sets and loaders: CIFAR-10 (torchvision's ``cifar-10-batches-py`` or
-the official binary ``cifar-10-batches-bin`` layout) and a learnable synthetic
-CIFAR-shaped set for offline smoke runs.
+the official binary ``cifar-10-batches-bin`` layout), a learnable synthetic
+CIFAR-shaped set for offline smoke runs, and an ImageNet-style image folder
+(``root/train/<class>/*``, ``root/val/<class>/*``).
 
 Each builder is ``fn(cfg) -> (train_dataset, val_dataset)``; items are
 ``(image tensor 3 x img_size x img_size, label int)``.
@@ -25,6 +26,10 @@ __all__ = [
     "build_transforms",
     "build_cifar10",
     "build_synthetic",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "build_imagenet_transforms",
+    "build_imagefolder",
     "build_loaders",
     "epoch_seed",
 ]
@@ -164,6 +169,78 @@ def build_synthetic(cfg: Config):
     train = SyntheticCIFAR(n_train, True, build_transforms(cfg.img_size, True, d.augment))
     val = SyntheticCIFAR(n_val, False, build_transforms(cfg.img_size, False))
     return train, val
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_imagenet_transforms(img_size: int, train: bool, augment: str = "standard"):
+    """The standard ImageNet transforms.  Train: RandomResizedCrop(img_size) +
+    RandomHorizontalFlip (+ RandAugment(2, 9) with ``augment: randaugment``;
+    ``augment: none`` uses the validation transform), ToTensor, Normalize
+    (ImageNet mean/std).  Validation: Resize(img_size * 256 / 224, i.e. 256 for
+    224) + CenterCrop(img_size), ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    if train and augment != "none":
+        ops = [T.RandomResizedCrop(img_size, antialias=True), T.RandomHorizontalFlip()]
+        if augment == "randaugment":
+            ops.append(T.RandAugment(num_ops=2, magnitude=9))
+    else:
+        ops = [T.Resize(int(round(img_size * 256 / 224)), antialias=True), T.CenterCrop(img_size)]
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+def _spread_subset(ds, n):
+    """n items evenly spread over ds (an image folder is sorted by class, so the
+    first n would hold only the first classes)."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))
+    return Subset(ds, idx.tolist())
+
+
+def build_imagefolder(cfg: Config):
+    """An ImageNet-style data set: ``torchvision.datasets.ImageFolder`` over
+    ``dataset.root/train`` and ``dataset.root/val`` (one sub-folder per class,
+    the same class folders in both), with :func:`build_imagenet_transforms`.
+    ``train_size`` / ``val_size`` take that many images evenly spread over the
+    (class-sorted) set.  Never downloads."""
+    from torchvision.datasets import ImageFolder
+
+    d = cfg.dataset
+    root = os.path.expanduser(d.root)
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    missing = [p for p in (train_dir, val_dir) if not os.path.isdir(p)]
+    if missing:
+        raise ConfigError(
+            f"image folder data set not found under dataset.root={d.root!r}: expected {train_dir} and {val_dir} "
+            f"(one sub-folder of images per class in each); missing: {', '.join(missing)}"
+        )
+    sets = []
+    for folder, train in ((train_dir, True), (val_dir, False)):
+        try:
+            sets.append(ImageFolder(folder, transform=build_imagenet_transforms(cfg.img_size, train, d.augment)))
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"cannot read the image folder {folder}: {' '.join(str(exc).split())}") from None
+    train, val = sets
+    if train.classes != val.classes:
+        only_t = sorted(set(train.classes) - set(val.classes))[:3]
+        only_v = sorted(set(val.classes) - set(train.classes))[:3]
+        raise ConfigError(
+            f"{train_dir} and {val_dir} must have the same class folders "
+            f"({len(train.classes)} vs {len(val.classes)}; only in train: {only_t}, only in val: {only_v})"
+        )
+    from codeq.train.build import MODEL_REGISTRY, model_num_classes
+
+    n_out = model_num_classes(MODEL_REGISTRY[cfg.model]) if cfg.model in MODEL_REGISTRY else None
+    if n_out is not None and len(train.classes) > n_out:
+        raise ConfigError(
+            f"{train_dir} has {len(train.classes)} class folders but model '{cfg.model}' has {n_out} outputs"
+        )
+    return _spread_subset(train, d.train_size), _spread_subset(val, d.val_size)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
