@@ -336,10 +336,30 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         groups.append({"params": [p for _, p in split[name]], "name": name, **gcfg.hparams()})
     if not groups:
         raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
+    extra = {}
+    if _wants_fused(cls, groups):
+        # One fused kernel for all parameters instead of a Python loop per tensor:
+        # QAT adds two scalar logits per layer, which the per-tensor loop pays for.
+        extra["fused"] = True
     try:
-        return cls(groups)
+        return cls(groups, **extra)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build optimizer '{cfg.optimizer.type}': {exc}") from None
+
+
+_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def _wants_fused(cls, groups) -> bool:
+    """Use the fused implementation of Adam/AdamW/SGD when the user chose no
+    implementation (``fused``/``foreach``) and every parameter is a float
+    tensor on the CPU or a CUDA device (where torch has fused kernels)."""
+    if not (isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)):
+        return False
+    if any(k in g for g in groups for k in ("fused", "foreach", "differentiable", "capturable")):
+        return False
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def build_scheduler(cfg: Config, optimizer):
