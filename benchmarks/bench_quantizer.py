@@ -68,6 +68,14 @@ def env_header(device: torch.device) -> dict:
     return env
 
 
+def write_results(path: str, env: dict, results: list) -> None:
+    """{"env": ..., "results": [...]} as JSON, written atomically."""
+    from codeq._io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps({"env": env, "results": results}, indent=1) + "\n").encode())
+    print(f"# wrote {path}")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -221,12 +229,7 @@ def main(argv=None):
     results = quantizer_rows(device, sizes, not args.no_compile, dtype)
     results += group_lasso_rows(device, not args.no_compile)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=1)
-        os.replace(tmp, args.out)
-        print(f"# wrote {args.out}")
+        write_results(args.out, env, results)
     return 0
 
 

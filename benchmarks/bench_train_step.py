@@ -20,7 +20,6 @@ runs -- on a model built from the same config the trainer would use.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quantizer import env_header, sync  # noqa: E402
+from bench_quantizer import env_header, sync, write_results  # noqa: E402
 
 import codeq  # noqa: E402
 from codeq import reference as R  # noqa: E402
@@ -152,12 +151,7 @@ def main(argv=None) -> int:
             print(f"{m:<10} {v:<24} {ms:10.2f} {ratio:10.2f}x {reps:6d}", flush=True)
             del trainer, model, opt
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=1)
-        os.replace(tmp, args.out)
-        print(f"# wrote {args.out}")
+        write_results(args.out, env, results)
     return 0
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq.parametrize import is_quantizer
-from codeq.report import _atomic_write, _temp_path
+from codeq._io import atomic_path, atomic_write_bytes as _atomic_write
 
 __all__ = [
     "ExportError",
@@ -463,17 +463,9 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
 
     tpath = os.path.join(out_path, TENSOR_FILE)
     lpath = os.path.join(out_path, LAYOUT_FILE)
-    tmp = _temp_path(tpath)
-    try:
+    with atomic_path(tpath) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         sha = _sha256_file(tmp)
-        os.replace(tmp, tpath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     layout = {
         "format": FORMAT,
         "version": VERSION,

@@ -23,6 +23,7 @@ Defined behaviour beyond the paper (tested):
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch import nn
@@ -87,6 +88,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _round_to(x: float, dtype: torch.dtype) -> float:
+    """The Python float x rounded to float32 (when dtype is float32), in plain
+    Python so that torch.compile traces the reference without a graph break."""
+    return x if dtype == torch.float64 else struct.unpack("f", struct.pack("f", x))[0]
+
+
 def abs_quantile(x: torch.Tensor, q: float = QUANTILE) -> torch.Tensor:
     """q-quantile of |x| over all elements, exactly as ``torch.quantile`` of the
     flattened |x| computes it (linear interpolation, NaN if any NaN), but by a
@@ -102,12 +109,11 @@ def abs_quantile(x: torch.Tensor, q: float = QUANTILE) -> torch.Tensor:
         n = v.numel()
         if n == 0:
             raise ValueError("codeq.abs_quantile: got an empty tensor")
-        q_t = float(torch.tensor(q, dtype=ct).item())
-        p = q_t * (n - 1)
+        p = _round_to(q, ct) * (n - 1)
         lo = min(int(math.floor(p)), n - 1)
         hi = min(lo + 1, n - 1)
         w = torch.tensor(p - lo, dtype=ct, device=v.device)
-        small = float(torch.tensor(p - lo, dtype=ct)) < 0.5
+        small = _round_to(p - lo, ct) < 0.5
         v_lo, v_hi = v[lo], v[hi]
         diff = v_hi - v_lo
         if small:

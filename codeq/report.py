@@ -27,13 +27,13 @@ import argparse
 import json
 import math
 import os
-import secrets
 import sys
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from codeq._io import atomic_write_bytes
 from codeq.parametrize import iter_quantizers
 
 __all__ = ["compression_report", "format_report", "save_report", "main", "ReportError"]
@@ -282,29 +282,7 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- files --
-def _temp_path(path: str) -> str:
-    """A fresh name next to ``path`` for writing before ``os.replace``."""
-    d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{base}")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (permissions per the
-    umask), fsync it, then ``os.replace`` it onto ``path``."""
-    tmp = _temp_path(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+_atomic_write = atomic_write_bytes
 
 
 def _json_clean(x):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from codeq._io import atomic_file
 
 from codeq.train.config import ConfigError
 
@@ -39,21 +40,8 @@ def save_checkpoint(state: dict, path: str) -> str:
     directory, fsync it, then ``os.replace`` it onto ``path``: a crash or kill
     mid-save leaves the previous file at ``path`` intact."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        torch.save(state, f)
     return path
 
 

@@ -1,0 +1,49 @@
+"""Atomic file writes: write a temporary file beside the target, fsync it, then
+``os.replace`` it onto the target, so that a crash or kill mid-write leaves the
+previous file intact (checkpoints, reports, exports)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes"]
+
+
+def temp_path(path: str) -> str:
+    """A fresh hidden name next to ``path`` (same directory, so os.replace is atomic)."""
+    d, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(d, f".{base}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path for the caller to write; on success it is fsynced
+    and renamed onto ``path``, on any error it is removed."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "wb"):
+    """``with atomic_file(p) as f: f.write(...)`` -- the file appears at ``p`` only complete."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
