@@ -21,6 +21,7 @@ venv: $(PY)
 # The user's install: builds codeq._C (CUDA when torch has CUDA and nvcc is found).
 install: venv
 	$(PIP) install --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(PY)) -c "import codeq, json; print('codeq.info():', json.dumps(codeq.info()))"
 
 # Editable install for development (rebuild C++ with `make dev` again).
 dev: venv

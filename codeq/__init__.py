@@ -40,6 +40,7 @@ def info() -> dict:
         "torch": torch.__version__,
         "extension_loaded": _ext._C is not None,
         "extension_error": _ext._LOAD_ERROR,
+        "extension_path": getattr(_ext._C, "__file__", None),
         "built_with_torch": b.get("torch_built_with"),
         "cuda_built": bool(b.get("cuda", False)),
         "cuda_archs": b.get("cuda_archs") or None,

@@ -15,10 +15,47 @@ import torch
 
 _C = None
 _LOAD_ERROR: str | None = None
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _installed_twin():
+    """The compiled codeq/_C of an installed copy of codeq elsewhere on sys.path.
+
+    Running ``python run_training.py`` from a source checkout after
+    ``pip install .`` imports the checkout's codeq/ (the script's directory
+    comes first on sys.path), which holds no compiled _C: the installed
+    build is the one to load then."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    for entry in sys.path:
+        pkg = os.path.join(os.path.abspath(entry or os.getcwd()), "codeq")
+        if os.path.realpath(pkg) == os.path.realpath(_PACKAGE_DIR) or not os.path.isdir(pkg):
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(pkg, "_C" + suffix)
+            if os.path.isfile(path):
+                spec = importlib.util.spec_from_file_location("codeq._C", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules["codeq._C"] = module
+                return module
+    return None
+
 
 try:  # importing the module runs the TORCH_LIBRARY registrations
     from codeq import _C  # type: ignore[attr-defined,no-redef]
-except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+except ImportError as exc:
+    try:
+        _C = _installed_twin()
+    except Exception as twin_exc:  # an installed build that does not load (torch mismatch)
+        _LOAD_ERROR = f"{type(twin_exc).__name__}: {twin_exc}"
+    else:
+        if _C is None:
+            _LOAD_ERROR = (f"no compiled codeq._C in {_PACKAGE_DIR} nor in an installed codeq "
+                           f"({type(exc).__name__}: {exc})")
+except Exception as exc:  # an undefined symbol from a torch mismatch, ...
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 _warned = False

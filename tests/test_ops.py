@@ -311,3 +311,24 @@ def test_missing_extension_warns_once(monkeypatch):
     monkeypatch.setenv("CODEQ_REQUIRE_EXT", "1")
     with pytest.raises(RuntimeError, match="CODEQ_REQUIRE_EXT"):
         codeq.DeadZoneLDZCompander()
+
+
+def test_source_checkout_without_build_uses_installed_extension(tmp_path):
+    """`python run_training.py` in a checkout after `pip install .` imports the checkout's
+    codeq/ (no compiled _C there): the installed build must be found and loaded."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(codeq.__file__)
+    dst = tmp_path / "checkout" / "codeq"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    env = dict(os.environ, CODEQ_REQUIRE_EXT="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(src), os.environ.get("PYTHONPATH", "")]))
+    code = ("import codeq, torch; i = codeq.info(); assert i['extension_loaded'], i; "
+            "assert codeq.__file__.startswith(%r); print(i['extension_path'])" % str(dst))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "checkout", env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith(src)
