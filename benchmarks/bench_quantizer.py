@@ -68,6 +68,17 @@ def env_header(device: torch.device) -> dict:
     return env
 
 
+def print_env(title: str, env: dict) -> None:
+    """The environment header every benchmark prints before its table."""
+    print(f"# {title}")
+    for k, v in env.items():
+        if k != "codeq_info":
+            print(f"#   {k}: {v}")
+    info = env["codeq_info"]
+    print(f"#   codeq: extension={info['extension_loaded']} fused={info['fused_devices']} "
+          f"cuda_built={info['cuda_built']} archs={info['cuda_archs']} openmp={info['openmp']}")
+
+
 def write_results(path: str, env: dict, results: list) -> None:
     """{"env": ..., "results": [...]} as JSON, written atomically."""
     from codeq._io import atomic_write_bytes
@@ -217,13 +228,7 @@ def main(argv=None):
         return 2
 
     env = env_header(device)
-    print("# codeq quantizer benchmark (median of forward+backward)")
-    for k, v in env.items():
-        if k != "codeq_info":
-            print(f"#   {k}: {v}")
-    info = env["codeq_info"]
-    print(f"#   codeq: extension={info['extension_loaded']} fused={info['fused_devices']} "
-          f"cuda_built={info['cuda_built']} archs={info['cuda_archs']} openmp={info['openmp']}")
+    print_env("codeq quantizer benchmark (median of forward+backward)", env)
     print(HEAD)
     dtype = getattr(torch, args.dtype)
     results = quantizer_rows(device, sizes, not args.no_compile, dtype)

@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_quantizer import env_header, sync, write_results  # noqa: E402
+from bench_quantizer import env_header, print_env, sync, write_results  # noqa: E402
 
 import codeq  # noqa: E402
 from codeq import reference as R  # noqa: E402
@@ -80,19 +80,31 @@ def make_config(model: str, variant: str, batch: int, device: str) -> dict:
     return cfg
 
 
-def time_steps(trainer: Trainer, x, y, device, warmup: int, min_time: float, min_reps: int, max_reps: int):
-    trainer.model.train()
-    for _ in range(warmup):
-        trainer.train_step(x, y)
+def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float, min_reps: int, max_reps: int,
+                     block: int = 1):
+    """Median step time (s) of every variant, measured round-robin: each round
+    runs ``block`` consecutive steps of every variant (timing all but the
+    first of a block when block > 1, so that a variant runs with its own data
+    in cache, as in real training), so that drift of the machine (clock,
+    neighbours) hits all variants alike and the ratios are fair."""
+    for tr in trainers.values():
+        tr.model.train()
+        for _ in range(warmup):
+            tr.train_step(x, y)
     sync(device)
-    times = []
+    times = {v: [] for v in trainers}
     start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        trainer.train_step(x, y)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < min_time):
+        for v, tr in trainers.items():
+            for i in range(block):
+                t0 = time.perf_counter()
+                tr.train_step(x, y)
+                sync(device)
+                if block == 1 or i > 0:
+                    times[v].append(time.perf_counter() - t0)
+        rounds += 1
+    return {v: statistics.median(t) for v, t in times.items()}, len(next(iter(times.values())))
 
 
 def main(argv=None) -> int:
@@ -101,8 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="mlp,resnet20,vit")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per variant (default 2)")
-    p.add_argument("--min-reps", type=int, default=10)
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds of timed steps per variant (default 2); variants are timed round-robin")
+    p.add_argument("--min-reps", type=int, default=10, help="at least this many rounds")
+    p.add_argument("--block", type=int, default=1,
+                   help="consecutive steps of a variant per round (the first of a block is not timed when > 1)")
     p.add_argument("--out")
     args = p.parse_args(argv)
 
@@ -122,34 +137,30 @@ def main(argv=None) -> int:
             return 2
 
     env = env_header(device)
-    print("# codeq training-step benchmark (median ms per step: forward, loss terms, backward, optimizer step)")
-    for k, v in env.items():
-        if k != "codeq_info":
-            print(f"#   {k}: {v}")
+    print_env("codeq training-step benchmark (median ms per step: forward, loss terms, backward, optimizer step)", env)
     print(f"#   batch: {args.batch}")
     print(f"{'model':<10} {'variant':<24} {'median ms':>10} {'x baseline':>11} {'steps':>6}")
     results = []
     for m in models:
-        base_ms = None
+        trainers = {}
         for v in variants:
             torch.manual_seed(0)
-            torch._dynamo.reset()
             cfg = config_from_dict(make_config(m, v, args.batch, args.device))
             model = build_model(cfg).to(device)
             opt = build_optimizer(cfg, model)
-            sched = build_scheduler(cfg, opt)
-            trainer = Trainer(cfg, device, model, opt, sched, None, None, torch.Generator())
-            x = torch.randn(args.batch, 3, cfg.img_size, cfg.img_size, device=device)
-            y = torch.randint(0, 10, (args.batch,), device=device)
-            warmup = 3 if cfg.use_compile else 2
-            med, reps = time_steps(trainer, x, y, device, warmup, args.min_time, args.min_reps, 500)
-            ms = med * 1e3
-            if v == "baseline":
-                base_ms = ms
+            trainers[v] = Trainer(cfg, device, model, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
+        img = trainers[variants[0]].cfg.img_size
+        x = torch.randn(args.batch, 3, img, img, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        med, rounds = time_interleaved(trainers, x, y, device, 3, args.min_time * len(variants), args.min_reps, 500,
+                                       args.block)
+        base_ms = med["baseline"] * 1e3 if "baseline" in med else None
+        for v in variants:
+            ms = med[v] * 1e3
             ratio = ms / base_ms if base_ms else float("nan")
-            results.append({"model": m, "variant": v, "median_ms": ms, "ratio_to_baseline": ratio, "steps": reps})
-            print(f"{m:<10} {v:<24} {ms:10.2f} {ratio:10.2f}x {reps:6d}", flush=True)
-            del trainer, model, opt
+            results.append({"model": m, "variant": v, "median_ms": ms, "ratio_to_baseline": ratio, "steps": rounds})
+            print(f"{m:<10} {v:<24} {ms:10.2f} {ratio:10.2f}x {rounds:6d}", flush=True)
+        del trainers
     if args.out:
         write_results(args.out, env, results)
     return 0

@@ -13,6 +13,7 @@ from codeq.losses import group_lasso
 from codeq.parametrize import attach_weight_quantizers, iter_quantizers, toggle_quantization
 from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
 from codeq.registry import LOSS_REGISTRY, QUANTIZER_REGISTRY, register_loss, register_quantizer
+from codeq.devicecheck import selfcheck
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "register_loss",
     "reference",
     "info",
+    "selfcheck",
 ]
 
 

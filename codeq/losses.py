@@ -7,7 +7,7 @@ from torch import nn
 
 from codeq import reference
 from codeq.ops import GroupLassoFunction
-from codeq.quantizers import fused_device_types
+from codeq.quantizers import use_fused
 
 __all__ = ["group_lasso", "theta_l2"]
 
@@ -25,7 +25,7 @@ def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: floa
     """
     layers = reference.group_lasso_layers(model, lambda_linear, lambda_conv)
     devices = {w.device for w, _ in layers}
-    if len(devices) != 1 or next(iter(devices)).type not in fused_device_types():
+    if len(devices) != 1 or not use_fused(layers[0][0]):
         return reference.group_lasso_of(layers, model)
     weights = [w for w, _ in layers]
     lambdas = [lam for _, lam in layers]

@@ -9,8 +9,9 @@ import torch
 
 from codeq import _ext, reference
 from codeq.ops import DeadZoneFunction, UniformFunction
+from codeq.devicecheck import device_ok
 
-__all__ = ["DeadZoneLDZCompander", "UniformSymmetric", "fused_device_types"]
+__all__ = ["DeadZoneLDZCompander", "UniformSymmetric", "fused_device_types", "use_fused"]
 
 
 def fused_device_types() -> frozenset:
@@ -19,6 +20,13 @@ def fused_device_types() -> frozenset:
 
 
 _FUSED = frozenset(t for t in ("cpu", "cuda") if _ext._C is not None and _ext.has_kernel(t))
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """Whether the fused kernels compute this tensor: the extension has kernels
+    for its device and (off the CPU) they passed their runtime self-check."""
+    dev = t.device
+    return dev.type in _FUSED and t.numel() > 0 and (dev.type == "cpu" or device_ok(dev))
 
 
 class DeadZoneLDZCompander(reference.DeadZoneLDZCompander):
@@ -34,7 +42,7 @@ class DeadZoneLDZCompander(reference.DeadZoneLDZCompander):
         _ext.available()  # warn once (or raise with CODEQ_REQUIRE_EXT=1) if the kernels are missing
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        if w.device.type not in _FUSED or w.numel() == 0:
+        if not use_fused(w):
             return self._reference_quantize(w)
         fixed, lo, hi = self._cfg
         w_hat, _ = DeadZoneFunction.apply(w, self.logit_dz, self.logit_bit, fixed, lo, hi, self.learnable_bit)
@@ -49,7 +57,7 @@ class UniformSymmetric(reference.UniformSymmetric):
         _ext.available()
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        if w.device.type not in _FUSED or w.numel() == 0:
+        if not use_fused(w):
             return self._reference_quantize(w)
         w_hat, _ = UniformFunction.apply(w, self.bitwidth)
         return w_hat

@@ -106,6 +106,8 @@ class Trainer:
         collectives).  With an enabled ``dist`` the loaders read this rank's
         shard; call :meth:`distribute` afterwards to wrap the model in DDP."""
         device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        if device.type != "cpu":
+            codeq.selfcheck(device)  # fused kernels vs the CPU ones, once, before any compile
         # The base seed on every rank: identical model initialisation everywhere.
         seed_everything(cfg.seed)
         train_ds, val_ds = build.build_datasets(cfg)  # ConfigError if missing: before anything is written

@@ -1,0 +1,51 @@
+"""The benchmark scripts run and write the JSON they promise (tiny sizes; no timing is asserted)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+
+
+def test_bench_quantizer_writes_json(tmp_path, bench_path, capsys):
+    import bench_quantizer
+
+    out = tmp_path / "q.json"
+    assert bench_quantizer.main(["--device", "cpu", "--sizes", "1000,5000", "--no-compile", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["env"]["torch"] and data["env"]["codeq_info"]["extension_loaded"]
+    rows = data["results"]
+    assert [r["n"] for r in rows if r["kind"] == "deadzone"] == [1000, 5000]
+    assert {r["model"] for r in rows if r["kind"] == "group_lasso"} == {"resnet20", "vit_tiny"}
+    for r in rows:
+        assert r["eager_ref_us"] > 0 and r["fused_us"] > 0 and r["speedup_vs_eager"] > 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_bench_quantizer_bad_input(bench_path, capsys):
+    import bench_quantizer
+
+    assert bench_quantizer.main(["--sizes", "12,x"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")
+
+
+def test_bench_train_step_writes_json(tmp_path, bench_path):
+    import bench_train_step
+
+    out = tmp_path / "t.json"
+    rc = bench_train_step.main(["--device", "cpu", "--models", "mlp", "--variants", "baseline,reference_qat_gl,codeq_qat_gl",
+                                "--batch", "8", "--min-time", "0", "--min-reps", "2", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("mlp", "baseline"), ("mlp", "reference_qat_gl"), ("mlp", "codeq_qat_gl")]
+    assert rows[0]["ratio_to_baseline"] == 1.0
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert bench_train_step.main(["--models", "resnet99"]) == 2
