@@ -78,3 +78,18 @@ def test_fast_step_equals_straightforward(model, learnable_bit, seed):
         err = (gf[k] - gs[k]).abs().max() / scale
         assert err < 1e-4, f"{k}: relative error {float(err):.3g} (seed={seed})"
     assert any("logit_dz" in k for k in gf)
+
+
+def test_optimizer_is_fused_unless_the_config_chooses():
+    cfg = config("mlp")
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    assert opt.defaults.get("fused") is True and all(g["fused"] for g in opt.param_groups)
+    d = config("mlp")
+    from codeq.train.config import config_to_dict
+
+    raw = config_to_dict(d)
+    raw["optimizer"]["param_groups"]["base"]["foreach"] = True
+    cfg2 = config_from_dict(raw)
+    opt2 = build_optimizer(cfg2, build_model(cfg2))
+    assert not opt2.defaults.get("fused") and opt2.param_groups[0]["foreach"] is True
