@@ -212,3 +212,28 @@ def test_parity_over_2_pow_24(seed):
     w = torch.randn(n)
     g = torch.randn(n)
     check_case(w, g, True, True, 2.0, 0.7, ctx=f"seed={seed} n>2^24")
+
+
+@pytest.mark.parametrize("kind", ["normal", "uniform", "ties", "heavy", "mostly_zero", "sorted"])
+def test_quantile_paths_on_structured_data(kind, seed):
+    """Large tensors take the CPU's sampled-window path (falling back to the radix passes
+    when the window misses); both must give the reference's quantile bit for bit."""
+    for n in (65_536, 100_003, 368_640):
+        if kind == "normal":
+            x = torch.randn(n)
+        elif kind == "uniform":
+            x = torch.rand(n) * 2 - 1
+        elif kind == "ties":
+            x = torch.randint(-3, 4, (n,)).float()
+        elif kind == "heavy":
+            x = torch.randn(n) ** 5
+        elif kind == "mostly_zero":
+            x = torch.zeros(n)
+            x[: n // 200] = torch.randn(n // 200)
+        else:  # sorted: a strided sample sees a very structured tensor
+            x = torch.sort(torch.randn(n)).values
+        for q in (0.5, 0.9, 0.99, 0.999):
+            assert torch.equal(torch.ops.codeq.abs_quantile(x, q), R.abs_quantile(x, q)), (kind, n, q, seed)
+        for dt in (torch.float64, torch.bfloat16):
+            y = x.to(dt)
+            assert torch.equal(torch.ops.codeq.abs_quantile(y, 0.99), R.abs_quantile(y, 0.99)), (kind, n, dt, seed)

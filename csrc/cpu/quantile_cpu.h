@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <vector>
 
 #include "codeq/deadzone.h"
@@ -62,6 +63,25 @@ CODEQ_CPU_CLONES bool histogram_pass(const scalar_t* __restrict data, int64_t b,
   return select::key_is_nan<CT>(maxkey);
 }
 
+// One pass over [b, e) for the sampled window [L, U]: counts the keys below L,
+// appends the keys inside the window to out, and reports a NaN.
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES int64_t window_pass(const scalar_t* __restrict data, int64_t b, int64_t e,
+                                     typename select::KeyTraits<CT>::Key L, typename select::KeyTraits<CT>::Key U,
+                                     std::vector<typename select::KeyTraits<CT>::Key>& out, bool& nan) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  int64_t below = 0;
+  Key maxkey = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const Key k = select::abs_key<CT>(static_cast<CT>(data[i]));
+    maxkey = std::max(maxkey, k);
+    below += k < L;
+    if (k >= L && k <= U) out.push_back(k);
+  }
+  nan = select::key_is_nan<CT>(maxkey);
+  return below;
+}
+
 // The key of rank k (0-based) in cand and, if want_next, the key of rank k+1;
 // cand is reordered.
 template <typename Key>
@@ -70,6 +90,64 @@ void select_two(std::vector<Key>& cand, int64_t k, bool want_next, Key& out_k, K
   out_k = cand[k];
   out_next = out_k;
   if (want_next) out_next = *std::min_element(cand.begin() + k + 1, cand.end());
+}
+
+// Sampled window (exact, usually one pass): the keys of a deterministic
+// strided sample bound a window [L, U] that holds ranks lo and hi with high
+// probability (+-4.5 sigma of the sample quantile); one parallel pass counts
+// the keys below L and gathers those inside.  Returns false (caller falls back
+// to the radix passes) if the ranks fall outside, the window is too wide, or a
+// NaN was seen (the fallback handles NaN).  The result never depends on the
+// sample: only how fast it is found.
+constexpr int64_t kWindowMin = int64_t(1) << 16;
+constexpr int kSamples = 4096;
+
+template <typename scalar_t, typename CT>
+bool window_select(const scalar_t* data, int64_t n, double q, int64_t lo, int64_t hi,
+                   std::vector<typename select::KeyTraits<CT>::Key>& cand, int64_t& prefix) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  std::vector<Key> sample(kSamples);
+  const int64_t stride = n / kSamples;  // >= 16 since n >= kWindowMin
+  for (int j = 0; j < kSamples; ++j) sample[j] = select::abs_key<CT>(static_cast<CT>(data[j * stride + stride / 2]));
+  const double m = kSamples;
+  const double margin = 4.5 * std::sqrt(m * q * (1.0 - q)) + 2.0;
+  const double center = q * (m - 1);
+  const int64_t s_lo = static_cast<int64_t>(std::max(0.0, std::floor(center - margin)));
+  const int64_t s_hi = static_cast<int64_t>(std::min(m - 1, std::ceil(center + margin)));
+  if (s_lo == 0 || s_hi == kSamples - 1) return false;  // window would be open-ended: no gain
+  std::nth_element(sample.begin(), sample.begin() + s_lo, sample.end());
+  const Key L = sample[s_lo];
+  std::nth_element(sample.begin() + s_lo, sample.begin() + s_hi, sample.end());
+  const Key U = sample[s_hi];
+
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kWindowMin));
+  const int64_t chunk = (n + nchunks - 1) / nchunks;
+  std::vector<std::vector<Key>> parts(nchunks);
+  std::vector<int64_t> below(nchunks, 0);
+  std::vector<char> nan_seen(nchunks, 0);
+  const size_t expect = static_cast<size_t>(static_cast<double>(chunk) * (s_hi - s_lo + 1) / m * 1.5) + 64;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * chunk, e = std::min(n, b + chunk);
+      parts[c].reserve(expect);
+      bool nan = false;
+      below[c] = window_pass<scalar_t, CT>(data, b, e, L, U, parts[c], nan);
+      nan_seen[c] = nan;
+    }
+  });
+  int64_t total_below = 0;
+  size_t count = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (nan_seen[c]) return false;
+    total_below += below[c];
+    count += parts[c].size();
+  }
+  if (lo < total_below || hi >= total_below + static_cast<int64_t>(count)) return false;
+  cand.clear();
+  cand.reserve(count);
+  for (auto& p : parts) cand.insert(cand.end(), p.begin(), p.end());
+  prefix = total_below;
+  return true;
 }
 
 template <typename scalar_t, typename CT = typename AccType<scalar_t>::type>
@@ -91,6 +169,8 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
       has_nan |= select::key_is_nan<CT>(cand[i]);
     }
     if (has_nan) return static_cast<CT>(NAN);  // torch.quantile: any NaN -> NaN
+  } else if (n >= kWindowMin && window_select<scalar_t, CT>(data, n, q, rank.lo, rank.hi, cand, prefix)) {
+    // one pass: the exact answer lies in a window found from a strided sample
   } else {
     // Fixed chunking (independent of thread ids; uint32 counts per chunk).
     const int64_t max_chunk = int64_t(1) << 30;
