@@ -76,7 +76,10 @@ def test_fast_step_equals_straightforward(model, learnable_bit, seed):
     for k in gf:
         scale = gs[k].abs().max().clamp_min(1e-12)
         err = (gf[k] - gs[k]).abs().max() / scale
-        assert err < 1e-4, f"{k}: relative error {float(err):.3g} (seed={seed})"
+        # The logits' gradients are sums that cancel (G_s, G_δ): the float32 reference itself is
+        # only good to ~1e-4 of them (the parity tests compare them with a float64 reference).
+        tol = 5e-3 if "logit_" in k else 1e-4
+        assert err < tol, f"{k}: relative error {float(err):.3g} (seed={seed})"
     assert any("logit_dz" in k for k in gf)
 
 
