@@ -9,7 +9,7 @@ from codeq import reference
 from codeq.ops import GroupLassoFunction
 from codeq.quantizers import use_fused
 
-__all__ = ["group_lasso", "theta_l2"]
+__all__ = ["group_lasso", "group_lasso_of_layers", "theta_l2"]
 
 
 def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> torch.Tensor:
@@ -23,7 +23,12 @@ def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: floa
     ``torch.nn.utils.parametrize.cached()`` together with the forward pass so
     that the quantizers are not run a second time.
     """
-    layers = reference.group_lasso_layers(model, lambda_linear, lambda_conv)
+    return group_lasso_of_layers(reference.group_lasso_layers(model, lambda_linear, lambda_conv), model)
+
+
+def group_lasso_of_layers(layers, model: nn.Module | None = None) -> torch.Tensor:
+    """The group lasso of a list of (weight, lambda) pairs, in one fused call
+    where the kernels cover the weights' device (the reference otherwise)."""
     devices = {w.device for w, _ in layers}
     if len(devices) != 1 or not use_fused(layers[0][0]):
         return reference.group_lasso_of(layers, model)

@@ -13,7 +13,7 @@ import torch
 
 from codeq import _ext
 
-__all__ = ["DeadZoneFunction", "UniformFunction", "GroupLassoFunction", "SCALAR_NAMES"]
+__all__ = ["DeadZoneFunction", "DeadZoneMultiFunction", "UniformFunction", "GroupLassoFunction", "SCALAR_NAMES"]
 
 # Layout of the `scalars` tensor returned by deadzone_forward (csrc/include/codeq/deadzone.h).
 SCALAR_NAMES = ("a", "B", "d", "Q", "s", "delta")
@@ -66,6 +66,25 @@ if _ext._C is not None:
     @torch.library.register_fake("codeq::group_lasso_backward")
     def _gl_bwd_fake(grad, weights, norms, lambdas):
         return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+    @torch.library.register_fake("codeq::deadzone_forward_multi")
+    def _dz_fwd_multi_fake(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda):
+        torch._check(len(w) > 0, lambda: "codeq.deadzone_forward_multi: got no weights")
+        w_hat = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in w]
+        scalars = [x.new_empty((len(SCALAR_NAMES),), dtype=_compute_dtype(x.dtype)) for x in w]
+        norms = [x.new_empty((x.numel() // x.shape[0] if lam != 0.0 and x.shape[0] else 0,),
+                             dtype=_compute_dtype(x.dtype)) for x, lam in zip(w, gl_lambda)]
+        sel = [x for x, lam in zip(w, gl_lambda) if lam != 0.0]
+        dt = torch.float64 if sel and all(x.dtype == torch.float64 for x in sel) else torch.float32
+        return w_hat, scalars, norms, w[0].new_empty((), dtype=dt)
+
+    def _dz_bwd_multi_fake(grad, gl_grad, w, w_hat, scalars, norms, logit_dz, logit_bit, min_bits, max_bits,
+                           learnable_bit, gl_lambda):
+        return ([torch.empty_like(x, memory_format=torch.contiguous_format) for x in w],
+                [torch.empty_like(t) for t in logit_dz], [torch.empty_like(t) for t in logit_bit])
+
+    torch.library.register_fake("codeq::deadzone_backward_multi", _dz_bwd_multi_fake)
+    torch.library.register_fake("codeq::deadzone_backward_multi_unfused", _dz_bwd_multi_fake)
 
 
 
@@ -154,6 +173,52 @@ class UniformFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_w_hat, grad_scale):
         return _uni_backward(ctx, grad_w_hat, grad_scale)
+
+
+class DeadZoneMultiFunction(torch.autograd.Function):
+    """Many dead-zone quantizers (and the group lasso of their outputs) in one
+    fused call and one autograd node.
+
+    ``outs = DeadZoneMultiFunction.apply(cfg, *ws, *logit_dz, *logit_bit)`` with
+    ``cfg = (fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda)``, one
+    entry per weight in each list.  ``outs[:L]`` are the quantized weights,
+    ``outs[L]`` is ``sum_l gl_lambda[l] * sum_j ||w_hat_l[:, j]||`` (zero when
+    every lambda is 0), and the rest are the per-layer scalars (no gradient).
+    """
+
+    @staticmethod
+    def forward(cfg, *tensors):
+        fixed, lo, hi, learn, gl_lambda = cfg
+        n = len(fixed)
+        ws, dzs, bits = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        w_hat, scalars, norms, gl = torch.ops.codeq.deadzone_forward_multi(
+            list(ws), list(dzs), list(bits), fixed, lo, hi, learn, gl_lambda
+        )
+        return (*w_hat, gl, *scalars, *norms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cfg, *tensors = inputs
+        n = len(cfg[0])
+        ctx.n = n
+        ctx.cfg = cfg
+        w_hat, scalars, norms = output[:n], output[n + 1 : 2 * n + 1], output[2 * n + 1 :]
+        ctx.save_for_backward(*tensors, *w_hat, *scalars, *norms)
+        ctx.mark_non_differentiable(*scalars, *norms)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n
+        _, lo, hi, learn, gl_lambda = ctx.cfg
+        saved = ctx.saved_tensors
+        ws, dzs, bits = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
+        w_hat, scalars, norms = saved[3 * n : 4 * n], saved[4 * n : 5 * n], saved[5 * n : 6 * n]
+        g_hat = [g.contiguous() for g in grads[:n]]
+        gw, gdz, gbit = torch.ops.codeq.deadzone_backward_multi(
+            g_hat, grads[n], list(ws), list(w_hat), list(scalars), list(norms), list(dzs), list(bits), lo, hi, learn,
+            gl_lambda,
+        )
+        return (None, *gw, *gdz, *gbit)
 
 
 def _gl_function_forward(lambdas, *weights):

@@ -33,6 +33,27 @@ TORCH_LIBRARY(codeq, m) {
   // Group lasso over many layers at once: (sum_l lambda_l * sum_j ||W_l[:, j]||, column norms per layer).
   m.def("group_lasso_forward(Tensor[] weights, float[] lambdas) -> (Tensor, Tensor[])");
   m.def("group_lasso_backward(Tensor grad, Tensor[] weights, Tensor[] norms, float[] lambdas) -> Tensor[]");
+  // Many dead-zone quantizers in one call (csrc/multi.cpp), with the group
+  // lasso of their outputs: (w_hat[], scalars[], norms[], gl_loss), where
+  // gl_loss = sum_l gl_lambda[l] * sum_j ||w_hat_l[:, j]|| over the layers with
+  // gl_lambda[l] != 0 (norms[l] is empty for the others).
+  m.def(
+      "deadzone_forward_multi(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
+      "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
+      "-> (Tensor[], Tensor[], Tensor[], Tensor)");
+  // Its backward: the group-lasso gradient (gl_grad * lambda * w_hat / norm) is
+  // added to grad[l] and the dead-zone backward applied, layer by layer; the CPU
+  // kernel fuses the two.  Returns (dL/dw[], dL/dlogit_dz[], dL/dlogit_bit[]).
+  m.def(
+      "deadzone_backward_multi(Tensor[] grad, Tensor gl_grad, Tensor[] w, Tensor[] w_hat, Tensor[] scalars, "
+      "Tensor[] norms, Tensor[] logit_dz, Tensor[] logit_bit, float[] min_bits, float[] max_bits, "
+      "bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor[], Tensor[])");
+  // The same, composed of group_lasso_backward + add + deadzone_backward (the
+  // CUDA kernel of deadzone_backward_multi; the CPU oracle of the fused one).
+  m.def(
+      "deadzone_backward_multi_unfused(Tensor[] grad, Tensor gl_grad, Tensor[] w, Tensor[] w_hat, "
+      "Tensor[] scalars, Tensor[] norms, Tensor[] logit_dz, Tensor[] logit_bit, float[] min_bits, "
+      "float[] max_bits, bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor[], Tensor[])");
 }
 
 namespace {

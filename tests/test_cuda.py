@@ -520,3 +520,33 @@ def test_torch_compile_fullgraph_matches_eager():
     assert ge.keys() == gcmp.keys() and any("logit_dz" in k for k in ge)
     for k in ge:
         torch.testing.assert_close(gcmp[k], ge[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+# ----------------------------------------------------- multi-layer fast path --
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_multi_layer_op_equals_per_layer_ops(dtype):
+    """deadzone_forward_multi / deadzone_backward_multi on the device (composed of
+    the per-layer kernels there) give the bits of the per-layer Functions."""
+    from codeq.ops import DeadZoneFunction, DeadZoneMultiFunction, GroupLassoFunction
+
+    torch.manual_seed(5)
+    shapes = [((64, 300), 1e-3), ((16, 8, 3, 3), 5e-4), ((70_000,), 0.0), ((10, 84), 2e-3)]
+    ws = [(torch.randn(*s, device=DEVICE) * 0.05).to(dtype).requires_grad_() for s, _ in shapes]
+    dzs = [torch.tensor(v, device=DEVICE, requires_grad=True) for v in (1.5, -2.0, 0.7, 3.0)]
+    bits = [torch.tensor(v, device=DEVICE, requires_grad=True) for v in (0.4, -1.0, 2.0, 0.1)]
+    fixed, lo, hi, learn = [4.0, 3.0, 6.0, 8.0], [2.0] * 4, [8.0] * 4, [True, False, True, False]
+    lam = [lam_ for _, lam_ in shapes]
+    outs = DeadZoneMultiFunction.apply((fixed, lo, hi, learn, lam), *ws, *dzs, *bits)
+    ref = [DeadZoneFunction.apply(w, d, b, f, l_, h, lb)[0]
+           for w, d, b, f, l_, h, lb in zip(ws, dzs, bits, fixed, lo, hi, learn)]
+    sel = [k for k, x in enumerate(lam) if x]
+    ref_gl = GroupLassoFunction.apply([lam[k] for k in sel], *[ref[k] for k in sel])[0]
+    for a, b in zip(outs[:4], ref):
+        assert torch.equal(a, b)
+    assert torch.equal(outs[4], ref_gl)
+    coef = [torch.randn_like(o) for o in ref]
+    params = [*ws, *dzs, *bits]
+    g1 = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(outs[:4], coef)) + 2 * outs[4], params)
+    g2 = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(ref, coef)) + 2 * ref_gl, params)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

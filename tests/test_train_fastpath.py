@@ -96,3 +96,83 @@ def test_optimizer_is_fused_unless_the_config_chooses():
     cfg2 = config_from_dict(raw)
     opt2 = build_optimizer(cfg2, build_model(cfg2))
     assert not opt2.defaults.get("fused") and opt2.param_groups[0]["foreach"] is True
+
+
+def _trainer(cfg, model):
+    return Trainer(cfg, torch.device("cpu"), model, build_optimizer(cfg, model), None, None, None, torch.Generator())
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("learnable_bit", [True, False], ids=["lbit", "fixbit"])
+def test_fused_weights_equal_per_layer_path_bitwise(model, learnable_bit, seed, monkeypatch):
+    """fused_weights (one multi-layer call, group lasso fused) gives the bits of
+    the per-layer path (fused_weights: false), and runs no per-layer quantizer."""
+    from codeq.quantizers import DeadZoneLDZCompander
+    from codeq.train.config import config_to_dict
+
+    on_cfg = config(model, learnable_bit=learnable_bit)
+    raw = config_to_dict(on_cfg)
+    raw["fused_weights"] = False
+    off_cfg = config_from_dict(raw)
+    torch.manual_seed(seed)
+    on_model = build_model(on_cfg)
+    off_model = build_model(off_cfg)
+    off_model.load_state_dict(on_model.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+
+    calls = []
+    orig = DeadZoneLDZCompander._quantize
+    monkeypatch.setattr(DeadZoneLDZCompander, "_quantize", lambda self, w: calls.append(1) or orig(self, w))
+    on = _trainer(on_cfg, on_model)
+    assert on.fast is not None
+    loss_on, _, _ = on.compute_loss(x, y)
+    assert calls == [], "the fast path ran a per-layer quantizer"
+    loss_on.backward()
+    off = _trainer(off_cfg, off_model)
+    assert off.fast is None
+    loss_off, _, _ = off.compute_loss(x, y)
+    assert len(calls) == len(off.quantized)
+    loss_off.backward()
+
+    assert torch.equal(loss_on, loss_off), f"seed={seed}"
+    g_on, g_off = grads(on_model), grads(off_model)
+    assert g_on.keys() == g_off.keys()
+    for k in g_on:
+        assert torch.equal(g_on[k], g_off[k]), f"{k} differs (seed={seed})"
+
+
+def test_fast_path_leaves_disabled_and_foreign_quantizers_to_their_parametrization(seed):
+    """A disabled quantizer and a reference quantizer among fused ones: the same
+    loss and gradients as the straightforward reference computation."""
+    from torch.nn.utils import parametrize
+
+    cfg = config("mlp")
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    slow_cfg = config("mlp", "_ref_deadzone", "_ref_group_lasso")
+    slow = build_model(slow_cfg)
+    slow.load_state_dict(model.state_dict())
+    layers = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+    slow_layers = [m for m in slow.modules() if parametrize.is_parametrized(m, "weight")]
+    # layer 0: disabled in both; layer 1: a reference quantizer in the fast model
+    layers[0].parametrizations.weight[0].enabled = False
+    slow_layers[0].parametrizations.weight[0].enabled = False
+    ref_q = R.DeadZoneLDZCompander(init_deadzone_logit=1.2, init_bit_logit=0.5)
+    ref_q.load_state_dict(layers[1].parametrizations.weight[0].state_dict())
+    layers[1].parametrizations.weight[0] = ref_q
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    tr = _trainer(cfg, model)
+    loss, _, _ = tr.compute_loss(x, y)
+    loss.backward()
+    kw = slow_cfg.loss_terms[0].kwargs
+    loss_slow = F.cross_entropy(slow(x), y) + 0.7 * R.group_lasso(slow, **kw)
+    loss_slow.backward()
+    torch.testing.assert_close(loss, loss_slow, rtol=1e-5, atol=1e-6)
+    gf, gs = grads(model), grads(slow)
+    assert gf.keys() == gs.keys()
+    for k in gf:
+        scale = gs[k].abs().max().clamp_min(1e-12)
+        tol = 5e-3 if "logit_" in k else 1e-4
+        assert (gf[k] - gs[k]).abs().max() / scale < tol, f"{k} (seed={seed})"

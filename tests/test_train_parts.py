@@ -121,19 +121,27 @@ def _count_quantizer_calls(model):
     return calls
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_weights", "per_layer"])
 @pytest.mark.parametrize("model,kwargs", [("mlp", {"hidden": [16, 12]}), ("resnet20", {"num_blocks": [1, 1, 1], "width": 4})])
-def test_quantizers_run_once_per_step(model, kwargs):
+def test_quantizers_run_once_per_step(model, kwargs, fused, monkeypatch):
+    import codeq.fastpath
+
     gl = [{"name": "group_lasso", "lambda": 1.0, "kwargs": {"lambda_linear": 0.01, "lambda_conv": 0.01}}]
-    t = _trainer(model=model, model_kwargs=kwargs, loss_terms=gl,
+    t = _trainer(model=model, model_kwargs=kwargs, loss_terms=gl, fused_weights=fused,
                  quantizer={"name": "deadzone", "kwargs": {}, "exclude_layers": ["bn"]})
     n_layers = len(list(iter_quantizers(t.model)))
     assert n_layers >= 3
     calls = _count_quantizer_calls(t.model)
+    multi = [0]
+    apply = codeq.fastpath.DeadZoneMultiFunction.apply
+    monkeypatch.setattr(codeq.fastpath.DeadZoneMultiFunction, "apply",
+                        lambda *a: multi.__setitem__(0, multi[0] + 1) or apply(*a))
     x, y = _batch()
     for _ in range(2):
-        calls[0] = 0
+        calls[0] = multi[0] = 0
         t.train_step(x, y)
-        assert calls[0] == n_layers
+        # fused: one call computes every layer (and the group lasso); else each quantizer once
+        assert (calls[0], multi[0]) == ((0, 1) if fused else (n_layers, 0))
     # sanity: without cached() the group lasso would run every quantizer again
     calls[0] = 0
     t.net(x)

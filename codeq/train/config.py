@@ -113,6 +113,7 @@ class Config:
     seed: int = 0
     workers: int = 4
     use_compile: bool = False
+    fused_weights: bool = True  # eager mode: all quantized weights (+ group lasso) in one fused call (codeq.fastpath)
     save_dir: str = "save_temp"
     run_name: str | None = None
     lr_scheduler: str = "cosine"
@@ -143,6 +144,7 @@ _TOP_KEYS = {
     "seed": ("int", 0),
     "workers": ("int", 4),
     "use_compile": ("bool", False),
+    "fused_weights": ("bool", True),
     "save_dir": ("str", "save_temp"),
     "run_name": ("str?", None),
     "lr_scheduler": ("str", "cosine"),
@@ -418,6 +420,7 @@ def config_from_dict(d: dict) -> Config:
         seed=top["seed"],
         workers=top["workers"],
         use_compile=top["use_compile"],
+        fused_weights=top["fused_weights"],
         save_dir=top["save_dir"],
         run_name=top["run_name"],
         lr_scheduler=top["lr_scheduler"],
@@ -458,6 +461,7 @@ def config_to_dict(cfg: Config) -> dict:
         "seed": cfg.seed,
         "workers": cfg.workers,
         "use_compile": bool(cfg.use_compile),
+        "fused_weights": bool(cfg.fused_weights),
         "save_dir": cfg.save_dir,
         "run_name": cfg.run_name,
         "lr_scheduler": cfg.lr_scheduler,

@@ -98,6 +98,17 @@ class Trainer:
         self.start_epoch = 0
         self.best_acc = 0.0
         self.quantized = [(name, module, q) for name, module, q in iter_quantizers(model)]
+        # Eager fast path (codeq.fastpath): every quantized weight, and the first
+        # group-lasso term, in one fused call per step.  Not under torch.compile,
+        # which traces the per-layer ops and fuses on its own.
+        self.fast, self.fast_term = None, None
+        if cfg.fused_weights and not cfg.use_compile and self.quantized:
+            from codeq.fastpath import FusedWeights
+            from codeq.losses import group_lasso
+
+            gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
+            self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
+            self.fast_term = gl_index
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str | None = None,
@@ -137,11 +148,16 @@ class Trainer:
         one ``parametrize.cached()`` block: each quantizer runs once, and the
         terms see the quantized weights the forward pass used."""
         with parametrize.cached():
+            fused_gl = self.fast.prefill() if self.fast is not None else None
             logits = self.net(x)
             ce = F.cross_entropy(logits, y)
             loss = ce
-            for _, fn, lam, kwargs in self.loss_terms:
-                loss = loss + lam * fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
+            for i, (_, fn, lam, kwargs) in enumerate(self.loss_terms):
+                if i == self.fast_term and fused_gl is not None:
+                    term = fused_gl
+                else:
+                    term = fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
+                loss = loss + lam * term
         return loss, ce, logits
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor):

@@ -10,6 +10,8 @@
 
 #include "codeq/deadzone.h"
 #include "codeq/checks.h"
+#include "codeq/group_lasso.h"
+#include "codeq/multi.h"
 #include "cpu/quantile_cpu.h"
 #include "cpu/simd.h"
 
@@ -59,6 +61,76 @@ CODEQ_CPU_CLONES void backward_loop(const scalar_t* __restrict g, const scalar_t
   }
   *sum_s = ts;
   *sum_d = td;
+}
+
+// backward_loop with the group-lasso gradient added to g in registers:
+// g' = g + w_hat * scale[col], w_hat recomputed from w (bit for bit the
+// forward's value), rounded as autograd rounds the unfused sum.  Needs cols %
+// 8 == 0 and b % 8 == 0 (no block of 8 straddles a row), and gives the same
+// bits as backward_loop on the materialised g'.
+template <typename scalar_t, typename CT>
+__attribute__((always_inline)) inline dz::BackwardTerms<CT> gl_element(scalar_t g, scalar_t w, CT sc, CT s, CT delta,
+                                                                      CT Q) {
+  const CT wv = static_cast<CT>(w);
+  const CT x = dz::scaled_u(wv, s, delta);
+  const CT q = dz::level(x, Q);
+  const CT w_hat = static_cast<CT>(static_cast<scalar_t>(dz::dequant(q, s, delta)));
+  const scalar_t gl = static_cast<scalar_t>(w_hat * sc);
+  const CT gg = static_cast<CT>(static_cast<scalar_t>(static_cast<CT>(g) + static_cast<CT>(gl)));
+  return dz::backward_terms<CT>(gg, wv, x, q, s);
+}
+
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void backward_loop_gl(const scalar_t* __restrict g, const scalar_t* __restrict w,
+                                       const CT* __restrict scale, int64_t cols, scalar_t* __restrict out,
+                                       int64_t b, int64_t e, CT s, CT delta, CT Q, double* sum_s, double* sum_d) {
+  constexpr int L = 8;
+  double acc_s[L] = {0}, acc_d[L] = {0};
+  int64_t i = b;
+  // Runs of whole blocks inside one row (run starts stay multiples of 8 from b,
+  // so lane j is element (i - b) % 8, as in backward_loop).
+  while (i + L <= e) {
+    const int64_t col0 = i % cols;
+    const int64_t run = std::min(cols - col0, (e - i) / L * L);
+    const CT* sc = scale + col0;
+    const scalar_t* gr = g + i;
+    const scalar_t* wr = w + i;
+    scalar_t* o = out + i;
+    for (int64_t k = 0; k < run; k += L) {
+      for (int j = 0; j < L; ++j) {
+        const auto t = gl_element<scalar_t, CT>(gr[k + j], wr[k + j], sc[k + j], s, delta, Q);
+        o[k + j] = static_cast<scalar_t>(t.grad_w);
+        acc_s[j] += static_cast<double>(t.gs);
+        acc_d[j] += static_cast<double>(t.gdelta);
+      }
+    }
+    i += run;
+  }
+  for (int j = 0; i < e; ++i, ++j) {
+    const auto t = gl_element<scalar_t, CT>(g[i], w[i], scale[i % cols], s, delta, Q);
+    out[i] = static_cast<scalar_t>(t.grad_w);
+    acc_s[j] += static_cast<double>(t.gs);
+    acc_d[j] += static_cast<double>(t.gdelta);
+  }
+  double ts = 0, td = 0;
+  for (int j = 0; j < L; ++j) {
+    ts += acc_s[j];
+    td += acc_d[j];
+  }
+  *sum_s = ts;
+  *sum_d = td;
+}
+
+// g + (the group-lasso gradient w_hat * scale[j]) over a run of one row,
+// rounded as autograd computes it unfused: the group-lasso gradient in the
+// weight's dtype, then the sum of the two in the weight's dtype.
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void gl_add_loop(const scalar_t* __restrict g, const scalar_t* __restrict w_hat,
+                                  const CT* __restrict scale, scalar_t* __restrict out, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) {
+    const scalar_t gl = static_cast<scalar_t>(static_cast<CT>(w_hat[k]) * scale[k]);
+    out[k] = static_cast<scalar_t>(static_cast<CT>(g[k]) + static_cast<CT>(gl));
+  }
 }
 
 at::Tensor abs_quantile_cpu(const at::Tensor& x, double q) {
@@ -114,11 +186,21 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, con
   return {out.view(w.sizes()), scalars};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cpu(const at::Tensor& grad, const at::Tensor& w,
-                                                                     const at::Tensor& scalars,
-                                                                     const at::Tensor& logit_dz,
-                                                                     const at::Tensor& logit_bit, double min_bits,
-                                                                     double max_bits, bool learnable_bit) {
+// The group-lasso term fused into one layer's backward: g + gl_grad * lambda
+// * w_hat / ||w_hat[:, j]|| (columns of the [rows, cols] view).
+struct FusedGL {
+  const at::Tensor* w_hat = nullptr;  // contiguous, like w
+  const at::Tensor* norms = nullptr;  // [cols], the compute dtype
+  double g_lambda_grad = 0.0;         // gl_grad
+  double lambda = 0.0;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_impl(const at::Tensor& grad, const at::Tensor& w,
+                                                                      const at::Tensor& scalars,
+                                                                      const at::Tensor& logit_dz,
+                                                                      const at::Tensor& logit_bit, double min_bits,
+                                                                      double max_bits, bool learnable_bit,
+                                                                      const FusedGL* gl) {
   check_deadzone_backward_inputs(grad, w, scalars, logit_dz, logit_bit);
   const at::Tensor wc = w.contiguous();
   const at::Tensor gc = grad.contiguous();
@@ -136,14 +218,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cpu(const at::T
     scalar_t* out = grad_w.mutable_data_ptr<scalar_t>();
     const CT s = sc.s, delta = sc.delta, Q = sc.Q;
 
+    // The group-lasso column scales (as group_lasso_backward computes them).
+    std::vector<CT> scale;
+    const scalar_t* whp = nullptr;
+    int64_t cols = 1;
+    if (gl != nullptr) {
+      cols = wc.size(0) == 0 ? 1 : n / wc.size(0);
+      TORCH_CHECK(gl->norms->numel() == cols && gl->w_hat->numel() == n &&
+                      gl->norms->scalar_type() == c10::CppTypeToScalarType<CT>::value,
+                  "codeq.deadzone_backward_multi: norms / w_hat do not match w");
+      const CT g_lambda = static_cast<CT>(static_cast<CT>(gl->g_lambda_grad) * static_cast<CT>(gl->lambda));
+      const at::Tensor nc = gl->norms->contiguous();
+      const CT* np = nc.const_data_ptr<CT>();
+      scale.resize(static_cast<size_t>(cols));
+      for (int64_t j = 0; j < cols; ++j) scale[j] = gl::column_scale<CT>(g_lambda, np[j]);
+      whp = gl->w_hat->const_data_ptr<scalar_t>();
+    }
+
     // Deterministic reductions: fixed chunks, partial sums in double, summed
     // in chunk order -- the same bits for any number of threads.
     const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
     std::vector<double> part_s(nchunks), part_d(nchunks);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<scalar_t> tmp(gl != nullptr && cols % 8 != 0 ? static_cast<size_t>(std::min(n, kReduceChunk)) : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c * kReduceChunk, e = std::min(n, b + kReduceChunk);
-        backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
+        if (gl == nullptr) {
+          backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
+          continue;
+        }
+        if (cols % 8 == 0) {  // kReduceChunk % 8 == 0 too: blocks of 8 stay inside a row
+          backward_loop_gl<scalar_t, CT>(gp, wp, scale.data(), cols, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
+          continue;
+        }
+        // g + the group-lasso gradient into tmp, one row run at a time.
+        for (int64_t i = b, j = b % cols; i < e; j = 0) {
+          const int64_t len = std::min(e - i, cols - j);
+          gl_add_loop<scalar_t, CT>(gp + i, whp + i, scale.data() + j, tmp.data() + (i - b), len);
+          i += len;
+        }
+        backward_loop<scalar_t, CT>(tmp.data(), wp + b, out + b, 0, e - b, s, delta, Q, &part_s[c], &part_d[c]);
       }
     });
     double G_s = 0, G_d = 0;
@@ -163,12 +277,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cpu(const at::T
   return {grad_w.view(w.sizes()), g_dz, g_bit};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cpu(const at::Tensor& grad, const at::Tensor& w,
+                                                                     const at::Tensor& scalars,
+                                                                     const at::Tensor& logit_dz,
+                                                                     const at::Tensor& logit_bit, double min_bits,
+                                                                     double max_bits, bool learnable_bit) {
+  return deadzone_backward_impl(grad, w, scalars, logit_dz, logit_bit, min_bits, max_bits, learnable_bit, nullptr);
+}
+
+// All layers' backward with the group lasso fused in (see deadzone_backward_multi in csrc/ops.cpp).
+MultiGrads deadzone_backward_multi_cpu(at::TensorList grad, const at::Tensor& gl_grad, at::TensorList w,
+                                       at::TensorList w_hat, at::TensorList scalars, at::TensorList norms,
+                                       at::TensorList logit_dz, at::TensorList logit_bit,
+                                       at::ArrayRef<double> min_bits, at::ArrayRef<double> max_bits,
+                                       const c10::List<bool>& learnable_bit, at::ArrayRef<double> gl_lambda) {
+  check_multi_lists(w, logit_dz, logit_bit, min_bits.size(), max_bits.size(), learnable_bit.size(), gl_lambda,
+                    "deadzone_backward_multi");
+  const size_t n = w.size();
+  TORCH_CHECK(grad.size() == n && w_hat.size() == n && scalars.size() == n && norms.size() == n,
+              "codeq.deadzone_backward_multi: grad, w_hat, scalars and norms need one entry per weight");
+  bool any_gl = false;
+  for (double lam : gl_lambda) any_gl |= lam != 0.0;
+  double glg = 0.0;
+  if (any_gl) {
+    TORCH_CHECK(gl_grad.numel() == 1, "codeq.deadzone_backward_multi: gl_grad must be a one-element tensor");
+    glg = gl_grad.item<double>();
+  }
+  std::vector<at::Tensor> gw(n), gdz(n), gbit(n);
+  for (size_t l = 0; l < n; ++l) {
+    if (gl_lambda[l] == 0.0) {
+      std::tie(gw[l], gdz[l], gbit[l]) = deadzone_backward_impl(grad[l], w[l], scalars[l], logit_dz[l], logit_bit[l],
+                                                                min_bits[l], max_bits[l], learnable_bit.get(l), nullptr);
+      continue;
+    }
+    TORCH_CHECK(w_hat[l].sizes() == w[l].sizes() && w_hat[l].scalar_type() == w[l].scalar_type(),
+                "codeq.deadzone_backward_multi: w_hat[", l, "] does not match w[", l, "]");
+    const at::Tensor whc = w_hat[l].contiguous();
+    FusedGL gl;
+    gl.w_hat = &whc;
+    gl.norms = &norms[l];
+    gl.g_lambda_grad = glg;
+    gl.lambda = gl_lambda[l];
+    std::tie(gw[l], gdz[l], gbit[l]) = deadzone_backward_impl(grad[l], w[l], scalars[l], logit_dz[l], logit_bit[l],
+                                                              min_bits[l], max_bits[l], learnable_bit.get(l), &gl);
+  }
+  return {gw, gdz, gbit};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(codeq, CPU, m) {
   m.impl("abs_quantile", &abs_quantile_cpu);
   m.impl("deadzone_forward", &deadzone_forward_cpu);
   m.impl("deadzone_backward", &deadzone_backward_cpu);
+  m.impl("deadzone_backward_multi", &deadzone_backward_multi_cpu);
 }
 
 }  // namespace cpu

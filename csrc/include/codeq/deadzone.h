@@ -126,16 +126,22 @@ struct BackwardTerms {
   CT gdelta;  // g * (sign(q) - sign(w))
 };
 
+// The terms of one element from its x = u/s and level q (shared by
+// backward_element and the CPU kernel that fuses the group lasso in).
 template <typename CT>
-CODEQ_HD BackwardTerms<CT> backward_element(CT g, CT w, CT s, CT delta, CT Q) {
-  const CT x = scaled_u(w, s, delta);
-  const CT q = level(x, Q);
+CODEQ_HD BackwardTerms<CT> backward_terms(CT g, CT w, CT x, CT q, CT s) {
   const CT sw = sgn(w);
   BackwardTerms<CT> t;
   t.grad_w = mul_rn(mul_rn(mul_rn(g, s) / s, sw), sw);
   t.gs = mul_rn(g, add_rn(q, -x));
   t.gdelta = mul_rn(g, add_rn(sgn(q), -sw));
   return t;
+}
+
+template <typename CT>
+CODEQ_HD BackwardTerms<CT> backward_element(CT g, CT w, CT s, CT delta, CT Q) {
+  const CT x = scaled_u(w, s, delta);
+  return backward_terms(g, w, x, level(x, Q), s);
 }
 
 // ------------------------------------------------------------------ chain --

@@ -1,0 +1,137 @@
+"""The eager training fast path: every quantized weight of a model, and the
+group lasso over them, in one fused op call and one autograd node.
+
+Attached quantizers are torch parametrizations: each ``module.weight`` read
+runs its quantizer through ``autograd.Function.apply``, and the group lasso
+reads the weights again; per layer that costs tens of microseconds of Python,
+autograd and dispatch, and on the CPU two more passes over every weight for
+the group lasso.  :class:`FusedWeights` computes all of it with
+``codeq::deadzone_forward_multi`` (one call, one autograd node, the group
+lasso fused into the backward on the CPU) and hands the results to the
+parametrizations through ``torch.nn.utils.parametrize.cached()``, so the model
+itself runs unchanged and sees the same tensors it would have computed.
+
+Which layers it takes: those whose only parametrization of ``weight`` is an
+enabled :class:`codeq.quantizers.DeadZoneLDZCompander` computed by the fused
+kernels.  Anything else (other quantizers, disabled ones, layers on another
+device) is left to its parametrization as before, so the results never depend
+on whether the fast path ran; ``tests/test_train_fastpath.py`` checks that.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from codeq import _ext
+from codeq.ops import DeadZoneMultiFunction
+from codeq.quantizers import DeadZoneLDZCompander, use_fused
+
+__all__ = ["FusedWeights"]
+
+
+def _fusable(module: nn.Module):
+    """The quantizer of ``module.weight`` if the fast path can compute it, else None."""
+    plist = module.parametrizations["weight"]
+    if len(plist) != 1:
+        return None
+    q = plist[0]
+    if type(q)._quantize is not DeadZoneLDZCompander._quantize or not isinstance(q, DeadZoneLDZCompander):
+        return None
+    if not q.enabled or not use_fused(plist.original):
+        return None
+    return q
+
+
+class FusedWeights:
+    """Fills the parametrization cache with every fusable quantized weight of
+    ``model`` in one fused call.
+
+    ``group_lasso``: the kwargs of a ``group_lasso`` loss term (``lambda_linear``,
+    ``lambda_conv``) to fuse, or None.  Use inside ``parametrize.cached()``::
+
+        fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-4, "lambda_conv": 1e-4})
+        with parametrize.cached():
+            gl = fast.prefill()          # the group lasso over all layers (None without one)
+            logits = model(x)            # reads the cached quantized weights
+    """
+
+    def __init__(self, model: nn.Module, group_lasso: dict | None = None):
+        self.model = model
+        self.gl = None
+        if group_lasso is not None:
+            self.gl = (float(group_lasso.get("lambda_linear", 1e-4)), float(group_lasso.get("lambda_conv", 1e-4)))
+        self.modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+        self.enabled = _ext._C is not None and hasattr(parametrize, "_cache")
+        self._checked = False
+
+    def _gl_lambda(self, m: nn.Module) -> float:
+        if self.gl is None:
+            return 0.0
+        if isinstance(m, nn.Linear):
+            return self.gl[0]
+        if isinstance(m, nn.Conv2d):
+            return self.gl[1]
+        return 0.0
+
+    def prefill(self):
+        """Quantize every fusable weight into the parametrization cache; returns
+        the group-lasso term over the whole model (the fused layers plus the
+        others) when a group lasso was given, else None.  Must run inside
+        ``parametrize.cached()``."""
+        if not self.enabled:
+            return None
+        if not parametrize._cache_enabled:
+            raise RuntimeError("FusedWeights.prefill() must run inside torch.nn.utils.parametrize.cached()")
+        mods, qs, ws, lams = [], [], [], []
+        for m in self.modules:
+            q = _fusable(m)
+            if q is None:
+                continue
+            mods.append(m)
+            qs.append(q)
+            ws.append(m.parametrizations["weight"].original)
+            lams.append(self._gl_lambda(m))
+        gl = None
+        if mods and len({w.device for w in ws}) == 1:
+            cfg = (
+                [q._cfg[0] for q in qs],
+                [q._cfg[1] for q in qs],
+                [q._cfg[2] for q in qs],
+                [bool(q.learnable_bit) for q in qs],
+                lams,
+            )
+            outs = DeadZoneMultiFunction.apply(cfg, *ws, *[q.logit_dz for q in qs], *[q.logit_bit for q in qs])
+            cache = parametrize._cache
+            for m, w_hat in zip(mods, outs[: len(mods)]):
+                cache[(id(m), "weight")] = w_hat
+            if not self._checked:
+                self._checked = True
+                if mods[0].weight is not outs[0]:  # torch changed its parametrization cache: stay correct
+                    warnings.warn("codeq: the fused weight path does not reach torch's parametrization cache in "
+                                  f"torch {torch.__version__}; using the per-layer path", stacklevel=2)
+                    self.enabled = False
+                    parametrize._cache.clear()
+                    return None
+            if self.gl is not None and any(lam != 0.0 for lam in lams):
+                gl = outs[len(mods)]
+        else:
+            mods = []
+        if self.gl is None:
+            return None
+        # The layers the fused call did not cover (or all, if it covered none).
+        from codeq import reference
+        from codeq.losses import group_lasso_of_layers
+
+        done = {id(m) for m, lam in zip(mods, lams) if lam != 0.0}
+        rest = [(m.weight, lam) for m in self.model.modules() if id(m) not in done
+                for lam in [self._gl_lambda(m)] if lam != 0.0]
+        if rest:
+            extra = group_lasso_of_layers(rest, self.model)
+            gl = extra if gl is None else gl + extra
+        if gl is None:
+            gl = reference.group_lasso_of([], self.model)
+        return gl
