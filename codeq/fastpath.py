@@ -67,6 +67,10 @@ class FusedWeights:
         self.modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
         self.enabled = _ext._C is not None and hasattr(parametrize, "_cache")
         self._checked = False
+        self._cached_plan = None
+        self._skipped = []
+        # (module, lambda) of every layer the group lasso covers (fixed for a model)
+        self._gl_modules = [(m, lam) for m in model.modules() for lam in [self._gl_lambda(m)] if lam != 0.0]
 
     def _gl_lambda(self, m: nn.Module) -> float:
         if self.gl is None:
@@ -77,15 +81,8 @@ class FusedWeights:
             return self.gl[1]
         return 0.0
 
-    def prefill(self):
-        """Quantize every fusable weight into the parametrization cache; returns
-        the group-lasso term over the whole model (the fused layers plus the
-        others) when a group lasso was given, else None.  Must run inside
-        ``parametrize.cached()``."""
-        if not self.enabled:
-            return None
-        if not parametrize._cache_enabled:
-            raise RuntimeError("FusedWeights.prefill() must run inside torch.nn.utils.parametrize.cached()")
+    def _plan(self):
+        """(modules, quantizers, original weights, lambdas, device) of the fusable layers."""
         mods, qs, ws, lams = [], [], [], []
         for m in self.modules:
             q = _fusable(m)
@@ -95,15 +92,49 @@ class FusedWeights:
             qs.append(q)
             ws.append(m.parametrizations["weight"].original)
             lams.append(self._gl_lambda(m))
+        dev = ws[0].device if ws else None
+        if any(w.device != dev for w in ws):
+            mods, qs, ws, lams = [], [], [], []  # spread over devices: leave it to the parametrizations
+        cfg = ([q._cfg[0] for q in qs], [q._cfg[1] for q in qs], [q._cfg[2] for q in qs],
+               [bool(q.learnable_bit) for q in qs], lams)
+        key = [(m.parametrizations["weight"], q, w) for m, q, w in zip(mods, qs, ws)]
+        return mods, qs, ws, lams, cfg, dev, key
+
+    def _current_plan(self):
+        """The cached plan while it still holds (same quantizer objects, enabled,
+        weights on the planned device, no newly fusable layer), else a new one.
+        The cheap check runs every step; the full scan only when it fails."""
+        plan = self._cached_plan
+        if plan is not None:
+            mods, qs, ws, lams, cfg, dev, key = plan
+            ok = True
+            for plist, q, w in key:
+                if not q.enabled or len(plist) != 1 or plist[0] is not q or plist.original is not w \
+                        or w.device != dev:
+                    ok = False
+                    break
+            if ok and self._skipped:  # a layer that was not fusable may have become so (e.g. re-enabled)
+                ok = not any(_fusable(m) is not None for m in self._skipped)
+            if ok:
+                return plan
+        plan = self._plan()
+        self._cached_plan = plan
+        taken = {id(m) for m in plan[0]}
+        self._skipped = [m for m in self.modules if id(m) not in taken]
+        return plan
+
+    def prefill(self):
+        """Quantize every fusable weight into the parametrization cache; returns
+        the group-lasso term over the whole model (the fused layers plus the
+        others) when a group lasso was given, else None.  Must run inside
+        ``parametrize.cached()``."""
+        if not self.enabled:
+            return None
+        if not parametrize._cache_enabled:
+            raise RuntimeError("FusedWeights.prefill() must run inside torch.nn.utils.parametrize.cached()")
+        mods, qs, ws, lams, cfg, dev, _ = self._current_plan()
         gl = None
-        if mods and len({w.device for w in ws}) == 1:
-            cfg = (
-                [q._cfg[0] for q in qs],
-                [q._cfg[1] for q in qs],
-                [q._cfg[2] for q in qs],
-                [bool(q.learnable_bit) for q in qs],
-                lams,
-            )
+        if mods:
             outs = DeadZoneMultiFunction.apply(cfg, *ws, *[q.logit_dz for q in qs], *[q.logit_bit for q in qs])
             cache = parametrize._cache
             for m, w_hat in zip(mods, outs[: len(mods)]):
@@ -118,8 +149,6 @@ class FusedWeights:
                     return None
             if self.gl is not None and any(lam != 0.0 for lam in lams):
                 gl = outs[len(mods)]
-        else:
-            mods = []
         if self.gl is None:
             return None
         # The layers the fused call did not cover (or all, if it covered none).
@@ -127,8 +156,7 @@ class FusedWeights:
         from codeq.losses import group_lasso_of_layers
 
         done = {id(m) for m, lam in zip(mods, lams) if lam != 0.0}
-        rest = [(m.weight, lam) for m in self.model.modules() if id(m) not in done
-                for lam in [self._gl_lambda(m)] if lam != 0.0]
+        rest = [(m.weight, lam) for m, lam in self._gl_modules if id(m) not in done]
         if rest:
             extra = group_lasso_of_layers(rest, self.model)
             gl = extra if gl is None else gl + extra

@@ -176,3 +176,36 @@ def test_fast_path_leaves_disabled_and_foreign_quantizers_to_their_parametrizati
         scale = gs[k].abs().max().clamp_min(1e-12)
         tol = 5e-3 if "logit_" in k else 1e-4
         assert (gf[k] - gs[k]).abs().max() / scale < tol, f"{k} (seed={seed})"
+
+
+def test_fast_path_follows_toggling_between_steps(seed):
+    """The fused plan is cached across steps; switching quantizers off and on
+    between steps must still give the per-layer path's loss every time."""
+    from codeq import toggle_quantization
+    from codeq.parametrize import iter_quantizers
+    from codeq.train.config import config_to_dict
+
+    on_cfg = config("resnet20")
+    raw = config_to_dict(on_cfg)
+    raw["fused_weights"] = False
+    off_cfg = config_from_dict(raw)
+    torch.manual_seed(seed)
+    a = build_model(on_cfg)
+    b = build_model(off_cfg)
+    b.load_state_dict(a.state_dict())
+    ta, tb = _trainer(on_cfg, a), _trainer(off_cfg, b)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    qa = [q for _, _, q in iter_quantizers(a)]
+    qb = [q for _, _, q in iter_quantizers(b)]
+    for step in range(4):
+        if step == 1:
+            toggle_quantization(a, False), toggle_quantization(b, False)
+        elif step == 2:
+            toggle_quantization(a, True), toggle_quantization(b, True)
+            qa[1].enabled = qb[1].enabled = False
+        elif step == 3:
+            qa[1].enabled = qb[1].enabled = True
+        la, _, _ = ta.compute_loss(x, y)
+        lb, _, _ = tb.compute_loss(x, y)
+        assert torch.equal(la, lb), f"step {step} (seed={seed})"
