@@ -67,7 +67,6 @@ if _ext._C is not None:
     def _gl_bwd_fake(grad, weights, norms, lambdas):
         return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
-    @torch.library.register_fake("codeq::deadzone_forward_multi")
     def _dz_fwd_multi_fake(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda):
         torch._check(len(w) > 0, lambda: "codeq.deadzone_forward_multi: got no weights")
         w_hat = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in w]
@@ -77,6 +76,9 @@ if _ext._C is not None:
         sel = [x for x, lam in zip(w, gl_lambda) if lam != 0.0]
         dt = torch.float64 if sel and all(x.dtype == torch.float64 for x in sel) else torch.float32
         return w_hat, scalars, norms, w[0].new_empty((), dtype=dt)
+
+    torch.library.register_fake("codeq::deadzone_forward_multi", _dz_fwd_multi_fake)
+    torch.library.register_fake("codeq::deadzone_forward_multi_unfused", _dz_fwd_multi_fake)
 
     def _dz_bwd_multi_fake(grad, gl_grad, w, w_hat, scalars, norms, logit_dz, logit_bit, min_bits, max_bits,
                            learnable_bit, gl_lambda):

@@ -131,14 +131,19 @@ MultiGrads deadzone_backward_multi_unfused(at::TensorList grad, const at::Tensor
   return {gw, gdz, gbit};
 }
 
+// On the CPU, deadzone_forward_multi / deadzone_backward_multi have kernels of
+// their own that fuse the group lasso (csrc/cpu/deadzone_cpu.cpp); the composed
+// versions, which are the CUDA kernels, are registered under *_unfused on both
+// devices so that the CPU tests check them against the fused ones.
 TORCH_LIBRARY_IMPL(codeq, CPU, m) {
-  m.impl("deadzone_forward_multi", &deadzone_forward_multi);
+  m.impl("deadzone_forward_multi_unfused", &deadzone_forward_multi);
   m.impl("deadzone_backward_multi_unfused", &deadzone_backward_multi_unfused);
 }
 
 #ifdef CODEQ_WITH_CUDA
 TORCH_LIBRARY_IMPL(codeq, CUDA, m) {
   m.impl("deadzone_forward_multi", &deadzone_forward_multi);
+  m.impl("deadzone_forward_multi_unfused", &deadzone_forward_multi);
   m.impl("deadzone_backward_multi", &deadzone_backward_multi_unfused);
   m.impl("deadzone_backward_multi_unfused", &deadzone_backward_multi_unfused);
 }

@@ -41,6 +41,12 @@ TORCH_LIBRARY(codeq, m) {
       "deadzone_forward_multi(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
       "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
       "-> (Tensor[], Tensor[], Tensor[], Tensor)");
+  // The same, composed of deadzone_forward + group_lasso_forward (the CUDA
+  // kernel of deadzone_forward_multi; the CPU oracle of the fused one).
+  m.def(
+      "deadzone_forward_multi_unfused(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
+      "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
+      "-> (Tensor[], Tensor[], Tensor[], Tensor)");
   // Its backward: the group-lasso gradient (gl_grad * lambda * w_hat / norm) is
   // added to grad[l] and the dead-zone backward applied, layer by layer; the CPU
   // kernel fuses the two.  Returns (dL/dw[], dL/dlogit_dz[], dL/dlogit_bit[]).

@@ -69,6 +69,11 @@ def test_fused_cpu_backward_equals_unfused(dtype, seed):
     ws = [w.detach() for w in ws]
     dzs, bits = [d.detach() for d in dzs], [b.detach() for b in bits]
     w_hat, scalars, norms, gl = ops.deadzone_forward_multi(ws, dzs, bits, fixed, lo, hi, learn, lam)
+    composed = ops.deadzone_forward_multi_unfused(ws, dzs, bits, fixed, lo, hi, learn, lam)
+    for part_f, part_u in zip((w_hat, scalars, norms), composed[:3]):
+        for a, b in zip(part_f, part_u):
+            assert torch.equal(a, b), f"seed={seed}"
+    assert torch.equal(gl, composed[3]), f"seed={seed}"
     assert [tuple(x.shape) for x in norms] == [
         (w.numel() // w.shape[0],) if lam_ else (0,) for w, lam_ in zip(ws, lam)]
     grads = [torch.randn_like(w) for w in ws]
@@ -116,8 +121,9 @@ def test_opcheck_multi(grad):
     dzs = [d.detach().requires_grad_(grad) for d in dzs]
     bits = [b.detach().requires_grad_(grad) for b in bits]
     # autograd is DeadZoneMultiFunction's, not the op's: test the op's schema / fake kernel only
-    torch.library.opcheck(ops.deadzone_forward_multi.default, (ws, dzs, bits, fixed, lo, hi, learn, lam),
-                          test_utils=("test_schema", "test_faketensor"))
+    for name in ("deadzone_forward_multi", "deadzone_forward_multi_unfused"):
+        torch.library.opcheck(getattr(ops, name).default, (ws, dzs, bits, fixed, lo, hi, learn, lam),
+                              test_utils=("test_schema", "test_faketensor"))
     with torch.no_grad():
         w_hat, scalars, norms, gl = ops.deadzone_forward_multi(ws, dzs, bits, fixed, lo, hi, learn, lam)
     args = ([torch.randn_like(w) for w in w_hat], torch.tensor(0.5), [w.detach() for w in ws], w_hat, scalars, norms,

@@ -31,6 +31,17 @@ CODEQ_CPU_CLONES void forward_loop(const scalar_t* __restrict w, scalar_t* __res
   }
 }
 
+// One row of forward_loop, then its squares added to acc[0..cols) (the
+// group-lasso column sums; codeq/group_lasso.h).
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void forward_row_squares(const scalar_t* __restrict w, scalar_t* __restrict out,
+                                          double* __restrict acc, int64_t cols, CT s, CT delta, CT Q) {
+  for (int64_t i = 0; i < cols; ++i) {
+    out[i] = static_cast<scalar_t>(dz::forward_element<CT>(static_cast<CT>(w[i]), s, delta, Q));
+  }
+  gl::add_squares<scalar_t, CT>(out, acc, cols);
+}
+
 // dL/dw over [b, e) and the chunk's two sums (8 independent lanes of double
 // accumulators, summed in a fixed order: deterministic).
 template <typename scalar_t, typename CT>
@@ -152,9 +163,15 @@ TH logit_value(const at::Tensor& t) {
   return t.item<TH>();
 }
 
-std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, const at::Tensor& logit_dz,
-                                                        const at::Tensor& logit_bit, double fixed_bit,
-                                                        double min_bits, double max_bits, bool learnable_bit) {
+// One layer's forward; with gl_lambda != 0 it also computes the column norms
+// of w_hat (returned in *norms) while the rows are hot, in the summation order
+// of group_lasso_forward (codeq/group_lasso.h), and appends the layer's
+// lambda-weighted norm sums per column block to *gl_task_sums.
+std::tuple<at::Tensor, at::Tensor> deadzone_forward_impl(const at::Tensor& w, const at::Tensor& logit_dz,
+                                                         const at::Tensor& logit_bit, double fixed_bit,
+                                                         double min_bits, double max_bits, bool learnable_bit,
+                                                         double gl_lambda, at::Tensor* norms,
+                                                         std::vector<double>* gl_task_sums) {
   check_deadzone_inputs(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit);
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.numel();
@@ -173,7 +190,35 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, con
                                        static_cast<TH>(max_bits));
     });
     const CT s = sc.s, delta = sc.delta, Q = sc.Q;
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) { forward_loop<scalar_t, CT>(wp, op, b, e, s, delta, Q); });
+    if (gl_lambda == 0.0) {
+      at::parallel_for(0, n, kGrain,
+                       [&](int64_t b, int64_t e) { forward_loop<scalar_t, CT>(wp, op, b, e, s, delta, Q); });
+    } else {
+      // Rows in blocks (gl::row_block): each task quantizes its rows and sums
+      // their squares per column from zero; the blocks are added in order below.
+      const int64_t rows = wc.size(0), cols = n / rows;
+      const int64_t rb = gl::row_block(cols), nblocks = (rows + rb - 1) / rb;
+      std::vector<double> part(static_cast<size_t>(nblocks * cols), 0.0);
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          double* acc = part.data() + blk * cols;
+          for (int64_t r = blk * rb; r < std::min(rows, (blk + 1) * rb); ++r)
+            forward_row_squares<scalar_t, CT>(wp + r * cols, op + r * cols, acc, cols, s, delta, Q);
+        }
+      });
+      *norms = at::empty({cols}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
+      CT* np = norms->mutable_data_ptr<CT>();
+      std::vector<double> acc(static_cast<size_t>(gl::kColBlock));
+      for (int64_t c0 = 0; c0 < cols; c0 += gl::kColBlock) {
+        const int64_t width = std::min(cols, c0 + gl::kColBlock) - c0;
+        std::fill(acc.begin(), acc.begin() + width, 0.0);
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+          const double* p = part.data() + blk * cols + c0;
+          for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
+        }
+        gl_task_sums->push_back(gl::block_norms<CT>(acc.data(), np + c0, width) * gl_lambda);
+      }
+    }
     scalars = at::empty({dz::kNumScalars}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
     CT* sp = scalars.mutable_data_ptr<CT>();
     sp[dz::kA] = sc.a;
@@ -184,6 +229,42 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, con
     sp[dz::kDelta] = sc.delta;
   });
   return {out.view(w.sizes()), scalars};
+}
+
+std::tuple<at::Tensor, at::Tensor> deadzone_forward_cpu(const at::Tensor& w, const at::Tensor& logit_dz,
+                                                        const at::Tensor& logit_bit, double fixed_bit,
+                                                        double min_bits, double max_bits, bool learnable_bit) {
+  return deadzone_forward_impl(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit, 0.0, nullptr,
+                               nullptr);
+}
+
+// All layers with the group lasso fused in: the same bits as the per-layer
+// forward followed by group_lasso_forward over the layers with a lambda.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+deadzone_forward_multi_cpu(at::TensorList w, at::TensorList logit_dz, at::TensorList logit_bit,
+                           at::ArrayRef<double> fixed_bit, at::ArrayRef<double> min_bits,
+                           at::ArrayRef<double> max_bits, const c10::List<bool>& learnable_bit,
+                           at::ArrayRef<double> gl_lambda) {
+  check_multi_lists(w, logit_dz, logit_bit, min_bits.size(), max_bits.size(), learnable_bit.size(), gl_lambda,
+                    "deadzone_forward_multi");
+  TORCH_CHECK(fixed_bit.size() == w.size(), "codeq.deadzone_forward_multi: fixed_bit needs one entry per weight");
+  const size_t n = w.size();
+  std::vector<at::Tensor> w_hat(n), scalars(n), norms(n);
+  std::vector<double> task_sums;
+  bool any_gl = false, all_double = true;
+  for (size_t l = 0; l < n; ++l) {
+    const bool gl = gl_lambda[l] != 0.0;
+    std::tie(w_hat[l], scalars[l]) =
+        deadzone_forward_impl(w[l], logit_dz[l], logit_bit[l], fixed_bit[l], min_bits[l], max_bits[l],
+                              learnable_bit.get(l), gl_lambda[l], &norms[l], &task_sums);
+    if (!gl) norms[l] = at::empty({0}, scalars[l].options());
+    any_gl |= gl;
+    if (gl) all_double &= w[l].scalar_type() == at::kDouble;
+  }
+  double total = 0.0;  // in task order, as group_lasso_forward
+  for (double v : task_sums) total += v;
+  const auto dt = any_gl && all_double ? at::kDouble : at::kFloat;
+  return {w_hat, scalars, norms, at::scalar_tensor(total, w[0].options().dtype(dt))};
 }
 
 // The group-lasso term fused into one layer's backward: g + gl_grad * lambda
@@ -330,6 +411,7 @@ TORCH_LIBRARY_IMPL(codeq, CPU, m) {
   m.impl("abs_quantile", &abs_quantile_cpu);
   m.impl("deadzone_forward", &deadzone_forward_cpu);
   m.impl("deadzone_backward", &deadzone_backward_cpu);
+  m.impl("deadzone_forward_multi", &deadzone_forward_multi_cpu);
   m.impl("deadzone_backward_multi", &deadzone_backward_multi_cpu);
 }
 

@@ -17,7 +17,7 @@ namespace codeq {
 namespace cpu {
 namespace {
 
-constexpr int64_t kColBlock = 256;
+constexpr int64_t kColBlock = gl::kColBlock;
 
 struct Task {
   int64_t layer, c0, c1;
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> group_lasso_forward_cpu(at::Tens
   const auto tasks = make_tasks(ws);
   std::vector<double> task_sum(tasks.size(), 0.0);
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<double> acc(kColBlock);
+    std::vector<double> acc(kColBlock), part(kColBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& task = tasks[t];
       const at::Tensor& w = ws[task.layer];
@@ -70,20 +70,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> group_lasso_forward_cpu(at::Tens
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "codeq_gl_fwd", [&] {
         using CT = typename AccType<scalar_t>::type;
         const scalar_t* p = w.const_data_ptr<scalar_t>();
-        for (int64_t i = 0; i < rows; ++i) {
-          const scalar_t* row = p + i * cols + task.c0;
-          for (int64_t j = 0; j < width; ++j) {
-            const double v = static_cast<double>(static_cast<CT>(row[j]));
-            acc[j] += v * v;
-          }
+        // Rows in blocks of gl::row_block(cols), each summed from zero and then
+        // added in order: the order of the fused dead-zone forward
+        // (deadzone_forward_multi on the CPU), so both give the same bits.
+        const int64_t rb = gl::row_block(cols);
+        for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+          const int64_t r1 = std::min(rows, r0 + rb);
+          std::fill(part.begin(), part.begin() + width, 0.0);
+          for (int64_t i = r0; i < r1; ++i)
+            gl::add_squares<scalar_t, CT>(p + i * cols + task.c0, part.data(), width);
+          for (int64_t j = 0; j < width; ++j) acc[j] += part[j];
         }
         CT* np = norms[task.layer].mutable_data_ptr<CT>() + task.c0;
-        double sum = 0.0;
-        for (int64_t j = 0; j < width; ++j) {
-          np[j] = static_cast<CT>(std::sqrt(acc[j]));
-          sum += static_cast<double>(np[j]);
-        }
-        task_sum[t] = sum * lambdas[task.layer];
+        task_sum[t] = gl::block_norms<CT>(acc.data(), np, width) * lambdas[task.layer];
       });
     }
   });
