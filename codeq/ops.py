@@ -185,7 +185,10 @@ class DeadZoneMultiFunction(torch.autograd.Function):
     ``cfg = (fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda)``, one
     entry per weight in each list.  ``outs[:L]`` are the quantized weights,
     ``outs[L]`` is ``sum_l gl_lambda[l] * sum_j ||w_hat_l[:, j]||`` (zero when
-    every lambda is 0), and the rest are the per-layer scalars (no gradient).
+    every lambda is 0); ``outs[L + 1]`` and ``outs[L + 2]`` are lists of the
+    per-layer scalars and column norms (plain tensors, no gradient).  Returning
+    those as lists rather than tensors keeps autograd's per-output cost to the
+    weights: it is paid once per layer, not three times.
     """
 
     @staticmethod
@@ -196,7 +199,7 @@ class DeadZoneMultiFunction(torch.autograd.Function):
         w_hat, scalars, norms, gl = torch.ops.codeq.deadzone_forward_multi(
             list(ws), list(dzs), list(bits), fixed, lo, hi, learn, gl_lambda
         )
-        return (*w_hat, gl, *scalars, *norms)
+        return (*w_hat, gl, scalars, norms)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -204,22 +207,23 @@ class DeadZoneMultiFunction(torch.autograd.Function):
         n = len(cfg[0])
         ctx.n = n
         ctx.cfg = cfg
-        w_hat, scalars, norms = output[:n], output[n + 1 : 2 * n + 1], output[2 * n + 1 :]
-        ctx.save_for_backward(*tensors, *w_hat, *scalars, *norms)
-        ctx.mark_non_differentiable(*scalars, *norms)
+        # The scalars and norms are new tensors nothing else holds or changes:
+        # kept on ctx (no saved-tensor bookkeeping), released after backward.
+        ctx.scalars, ctx.norms = output[n + 1], output[n + 2]
+        ctx.save_for_backward(*tensors, *output[:n])
 
     @staticmethod
     def backward(ctx, *grads):
         n = ctx.n
         _, lo, hi, learn, gl_lambda = ctx.cfg
         saved = ctx.saved_tensors
-        ws, dzs, bits = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n]
-        w_hat, scalars, norms = saved[3 * n : 4 * n], saved[4 * n : 5 * n], saved[5 * n : 6 * n]
+        ws, dzs, bits, w_hat = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n : 4 * n]
         g_hat = [g.contiguous() for g in grads[:n]]
         gw, gdz, gbit = torch.ops.codeq.deadzone_backward_multi(
-            g_hat, grads[n], list(ws), list(w_hat), list(scalars), list(norms), list(dzs), list(bits), lo, hi, learn,
-            gl_lambda,
+            g_hat, grads[n], list(ws), list(w_hat), list(ctx.scalars), list(ctx.norms), list(dzs), list(bits), lo,
+            hi, learn, gl_lambda,
         )
+        ctx.scalars = ctx.norms = None
         return (None, *gw, *gdz, *gbit)
 
 
