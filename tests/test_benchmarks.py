@@ -49,3 +49,24 @@ def test_bench_train_step_writes_json(tmp_path, bench_path):
     assert rows[0]["ratio_to_baseline"] == 1.0
     assert all(r["median_ms"] > 0 for r in rows)
     assert bench_train_step.main(["--models", "resnet99"]) == 2
+
+
+def test_bench_data_writes_json(tmp_path, bench_path, capsys):
+    import bench_data
+
+    out = tmp_path / "d.json"
+    assert bench_data.main(["--device", "cpu", "--synthetic", "--workers", "0", "--batch", "16", "--batches", "3",
+                            "--warmup", "1", "--train", "mlp", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["path"], r["step"]) for r in rows] == [
+        ("dataloader", "load only"), ("on_device", "load only"),
+        ("dataloader", "train_step(mlp)"), ("on_device", "train_step(mlp)")]
+    assert all(r["images"] == 48 and r["images_per_s"] > 0 for r in rows)
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_bench_data_bad_input(bench_path, tmp_path, capsys):
+    import bench_data
+
+    assert bench_data.main(["--device", "cpu", "--root", str(tmp_path / "nothing"), "--batches", "1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error:")

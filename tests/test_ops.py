@@ -291,7 +291,8 @@ def test_compile_inductor_quantizer_only(seed):
     (g1,) = torch.autograd.grad(y1, w)
     y2 = cf(w)
     (g2,) = torch.autograd.grad(y2, w)
-    torch.testing.assert_close(y2, y1)
+    # inductor sums the 512 products in another order: float32 rounding of a sum
+    torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-4, msg=lambda m: f"{m} (seed={seed})")
     torch.testing.assert_close(g2, g1)
 
 

@@ -44,6 +44,7 @@ __all__ = [
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
 WANDB_MODES = ("online", "offline", "disabled")
 AUGMENT_CHOICES = ("standard", "randaugment", "none")
+ON_DEVICE_DATASETS = ("cifar10", "synthetic")
 PARAM_GROUP_NAMES = ("base", "dz", "bit")
 
 
@@ -99,6 +100,7 @@ class DatasetConfig:
     augment: str = "standard"
     train_size: int | None = None  # synthetic: default 1000; cifar10: a subset of the first N (None = all)
     val_size: int | None = None  # synthetic: default 200; cifar10: a subset of the first N (None = all)
+    on_device: bool = False  # hold the data set on the training device, augment there (codeq.train.device_data)
 
 
 @dataclass
@@ -169,6 +171,7 @@ _DATA_KEYS = {
     "augment": ("str", "standard"),
     "train_size": ("int?", None),
     "val_size": ("int?", None),
+    "on_device": ("bool", False),
 }
 _TYPE_WORDS = {
     "str": "a string",
@@ -407,6 +410,13 @@ def config_from_dict(d: dict) -> Config:
     for k in ("train_size", "val_size"):
         if ds[k] is not None and ds[k] < 1:
             raise ConfigError(f"dataset.{k} must be at least 1 (or null), got {ds[k]}")
+    if ds["on_device"]:
+        if ds["name"] not in ON_DEVICE_DATASETS:
+            raise ConfigError(f"dataset.on_device works for {' and '.join(ON_DEVICE_DATASETS)} (CIFAR-shaped data "
+                              f"held on the device), not '{ds['name']}'; set dataset.on_device: false")
+        if ds["augment"] == "randaugment":
+            raise ConfigError("dataset.on_device supports augment: standard or none (crop + flip on the device), "
+                              "not randaugment; set dataset.on_device: false for RandAugment")
     dataset = DatasetConfig(**ds)
 
     return Config(

@@ -248,6 +248,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _device_loaders(cfg: Config, train_ds, val_ds, device: torch.device, world: int, rank: int, g):
+    """``dataset.on_device``: the same samplers, the data on the device (codeq.train.device_data)."""
+    from codeq.train.device_data import DeviceLoader
+    from codeq.train.distributed import EpochDistributedSampler, ShardSampler
+
+    sampler = EpochDistributedSampler(train_ds, world, rank, seed=cfg.seed, generator=None if world > 1 else g)
+    augment = cfg.dataset.augment == "standard"
+    norm = dict(mean=CIFAR_MEAN, std=CIFAR_STD, img_size=cfg.img_size)
+    train = DeviceLoader(train_ds, device, cfg.batch_size, sampler=sampler, augment=augment, **norm)
+    val_sampler = ShardSampler(val_ds, world, rank) if world > 1 else None
+    val = DeviceLoader(val_ds, device, cfg.batch_size, sampler=val_sampler, augment=False, **norm)
+    return train, val, g
+
+
 def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device, dist=None):
     """(train_loader, val_loader, generator).  Reseed ``generator`` with
     :func:`epoch_seed` before each epoch (and call ``train_loader.sampler.set_epoch``):
@@ -266,6 +280,8 @@ def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device, dist=None
     world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
     g = torch.Generator()
     g.manual_seed(epoch_seed(cfg.seed + rank, 0))
+    if cfg.dataset.on_device:
+        return _device_loaders(cfg, train_ds, val_ds, device, world, rank, g)
     common = dict(
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
