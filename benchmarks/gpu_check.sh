@@ -10,9 +10,10 @@
 #    of the radix select;
 # 3. runs compute-sanitizer memcheck, racecheck, synccheck and initcheck on
 #    benchmarks/cuda_driver.py (every kernel, every launch path, four dtypes);
-# 4. runs benchmarks/bench_quantizer.py --device cuda and benchmarks/gpu_report.py
-#    (µs, GB/s vs the measured copy bandwidth, peak extra memory, group lasso
-#    over ViT-Tiny);
+# 4. runs benchmarks/bench_quantizer.py, bench_train_step.py (mlp, resnet20,
+#    vit) and bench_data.py (CIFAR_ROOT=data, or synthetic data; with a
+#    ResNet-20 step) on cuda, and benchmarks/gpu_report.py (µs, GB/s vs the
+#    measured copy bandwidth, peak extra memory, group lasso over ViT-Tiny);
 # 5. writes benchmarks/results/gpu_check_<stamp>.{md,json} (+ the log).
 #
 # Exit status: 0 when every step passed, 1 otherwise, 2 when there is no GPU.
@@ -101,6 +102,19 @@ else
   say "benchmarks/bench_quantizer.py is missing (skipped)"
   STATUS+=("bench_quantizer=missing")
 fi
+# The training step (all three models, every variant) and the input pipeline.
+say "benchmarks/bench_train_step.py --device cuda --models mlp,resnet20,vit"
+"$PY" benchmarks/bench_train_step.py --device cuda --models mlp,resnet20,vit --block 10 \
+    --out "$OUT/bench_train_step_cuda_$STAMP.json" >>"$LOG" 2>&1
+record bench_train_step $?
+DATA_ARGS=(--synthetic)
+[ -d "${CIFAR_ROOT:-data}/cifar-10-batches-bin" ] || [ -d "${CIFAR_ROOT:-data}/cifar-10-batches-py" ] \
+  && DATA_ARGS=(--root "${CIFAR_ROOT:-data}")
+say "benchmarks/bench_data.py --device cuda ${DATA_ARGS[*]} --train resnet20"
+"$PY" benchmarks/bench_data.py --device cuda "${DATA_ARGS[@]}" --workers 4 --train resnet20 \
+    --out "$OUT/bench_data_cuda_$STAMP.json" >>"$LOG" 2>&1
+record bench_data $?
+
 say "benchmarks/gpu_report.py"
 args=()
 for s in "${STATUS[@]}"; do args+=(--status "$s"); done
