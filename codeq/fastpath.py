@@ -12,8 +12,9 @@ parametrizations through ``torch.nn.utils.parametrize.cached()``, so the model
 itself runs unchanged and sees the same tensors it would have computed.
 
 Which layers it takes: those whose only parametrization of ``weight`` is an
-enabled :class:`codeq.quantizers.DeadZoneLDZCompander` computed by the fused
-kernels.  Anything else (other quantizers, disabled ones, layers on another
+enabled :class:`codeq.quantizers.DeadZoneLDZCompander` (not a subclass that
+changes its forward, no forward hooks on it) computed by the fused kernels.
+Anything else (other quantizers, disabled ones, hooked ones, layers on another
 device) is left to its parametrization as before, so the results never depend
 on whether the fast path ran; ``tests/test_train_fastpath.py`` checks that.
 """
@@ -39,8 +40,11 @@ def _fusable(module: nn.Module):
     if len(plist) != 1:
         return None
     q = plist[0]
-    if type(q)._quantize is not DeadZoneLDZCompander._quantize or not isinstance(q, DeadZoneLDZCompander):
-        return None
+    if not isinstance(q, DeadZoneLDZCompander) or type(q)._quantize is not DeadZoneLDZCompander._quantize \
+            or type(q).forward is not DeadZoneLDZCompander.forward:
+        return None  # a subclass with its own math
+    if q._forward_hooks or q._forward_pre_hooks:
+        return None  # the user's hooks must see the quantizer run
     if not q.enabled or not use_fused(plist.original):
         return None
     return q

@@ -213,6 +213,7 @@ class DeadZoneMultiFunction(torch.autograd.Function):
         ctx.save_for_backward(*tensors, *output[:n])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         n = ctx.n
         _, lo, hi, learn, gl_lambda = ctx.cfg

@@ -209,3 +209,39 @@ def test_fast_path_follows_toggling_between_steps(seed):
         la, _, _ = ta.compute_loss(x, y)
         lb, _, _ = tb.compute_loss(x, y)
         assert torch.equal(la, lb), f"step {step} (seed={seed})"
+
+
+def test_hooked_or_subclassed_quantizers_keep_their_own_path():
+    """A forward hook on a quantizer, or a subclass with its own forward, must
+    run as written: such layers are not fused."""
+    from codeq.fastpath import FusedWeights
+    from codeq.parametrize import iter_quantizers
+    from codeq.quantizers import DeadZoneLDZCompander
+
+    model = build_model(config("mlp"))
+    qs = [q for _, _, q in iter_quantizers(model)]
+    seen = []
+    qs[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+
+    class Doubled(DeadZoneLDZCompander):
+        def forward(self, w):
+            return 2 * super().forward(w)
+
+    from torch.nn.utils import parametrize
+
+    layer = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")][1]
+    d = Doubled(init_deadzone_logit=1.2, init_bit_logit=0.5)
+    d.load_state_dict(layer.parametrizations.weight[0].state_dict())
+    layer.parametrizations.weight[0] = d
+    fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
+    x = torch.randn(4, 3, 32, 32)
+    with parametrize.cached():
+        gl = fast.prefill()
+        out = model(x)
+        assert len(fast._cached_plan[0]) == 1  # only the third layer was fused
+        w1 = layer.weight
+        torch.testing.assert_close(w1, 2 * DeadZoneLDZCompander.forward(d, layer.parametrizations.weight.original))
+        expect = R.group_lasso(model, lambda_linear=1e-3, lambda_conv=0.0)
+    assert seen, "the forward hook did not run"
+    torch.testing.assert_close(gl, expect, rtol=1e-5, atol=1e-7)
+    assert out.shape == (4, 10)
