@@ -290,3 +290,18 @@ def test_sync_bn_checks_and_conversion(tmp_path):
     d["quantizer"]["exclude_layers"] = []
     with pytest.raises(ConfigError, match="exclude_layers"):
         check_sync_bn(build_model(config_from_dict(d)), torch.device("cuda"), 2)
+
+
+def test_ddp_with_data_on_device_equals_single_process(tmp_path):
+    """dataset.on_device under DDP: each rank holds the data set and takes its
+    shard of the same order, so 2 x 8 equals 1 x 16 as with the DataLoader."""
+    d = cfg_dict(tmp_path, epochs=1)
+    d["dataset"] = dict(d["dataset"], on_device=True)
+    cfg = write(tmp_path, d)
+    assert main(["--config", cfg, "--set", f"save_dir={tmp_path / 's'}", "--set", "batch_size=16"]) == 0
+    r = torchrun(["--config", cfg, "--set", f"save_dir={tmp_path / 'd'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (s_run,), (d_run,) = run_dirs(tmp_path / "s"), run_dirs(tmp_path / "d")
+    assert_models_close(load_checkpoint(os.path.join(d_run, "checkpoint.th"))["model"],
+                        load_checkpoint(os.path.join(s_run, "checkpoint.th"))["model"], "on_device 2 x 8 vs 1 x 16")
+    assert read_metrics(d_run)[0]["val_acc"] == pytest.approx(read_metrics(s_run)[0]["val_acc"], abs=1e-6)
