@@ -208,7 +208,7 @@ class DeadZoneMultiFunction(torch.autograd.Function):
         ctx.n = n
         ctx.cfg = cfg
         # The scalars and norms are new tensors nothing else holds or changes:
-        # kept on ctx (no saved-tensor bookkeeping), released after backward.
+        # kept on ctx (no saved-tensor bookkeeping), released with the graph.
         ctx.scalars, ctx.norms = output[n + 1], output[n + 2]
         ctx.save_for_backward(*tensors, *output[:n])
 
@@ -224,7 +224,6 @@ class DeadZoneMultiFunction(torch.autograd.Function):
             g_hat, grads[n], list(ws), list(w_hat), list(ctx.scalars), list(ctx.norms), list(dzs), list(bits), lo,
             hi, learn, gl_lambda,
         )
-        ctx.scalars = ctx.norms = None
         return (None, *gw, *gdz, *gbit)
 
 

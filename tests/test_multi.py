@@ -143,3 +143,13 @@ def test_multi_bad_inputs_are_clear_errors():
         ops.deadzone_forward_multi([torch.randn(5)], [d], [b], [4.0], [2.0], [8.0], [True], [1e-3])
     with pytest.raises(RuntimeError, match="must be finite and >= 0"):
         ops.deadzone_forward_multi([w], [d], [b], [4.0], [2.0], [8.0], [True], [-1.0])
+
+
+def test_backward_twice_with_retain_graph(seed):
+    ws, dzs, bits, cfg = make_layers(torch.float32, LAYERS[:3])
+    outs = DeadZoneMultiFunction.apply(tuple(cfg), *ws, *dzs, *bits)
+    loss = sum(o.square().sum() for o in outs[:3]) + outs[3]
+    g1 = torch.autograd.grad(loss, ws, retain_graph=True)
+    g2 = torch.autograd.grad(loss, ws)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
