@@ -101,20 +101,22 @@ class FusedWeights:
             mods, qs, ws, lams = [], [], [], []  # spread over devices: leave it to the parametrizations
         cfg = ([q._cfg[0] for q in qs], [q._cfg[1] for q in qs], [q._cfg[2] for q in qs],
                [bool(q.learnable_bit) for q in qs], lams)
-        key = [(m.parametrizations["weight"], q, w) for m, q, w in zip(mods, qs, ws)]
+        key = [(m.parametrizations["weight"], q, w, q._cfg, q.learnable_bit) for m, q, w in zip(mods, qs, ws)]
         return mods, qs, ws, lams, cfg, dev, key
 
     def _current_plan(self):
-        """The cached plan while it still holds (same quantizer objects, enabled,
-        weights on the planned device, no newly fusable layer), else a new one.
+        """The cached plan while it still holds (same quantizer objects and
+        settings, enabled, no hooks, weights on the planned device, no newly
+        fusable layer), else a new one.
         The cheap check runs every step; the full scan only when it fails."""
         plan = self._cached_plan
         if plan is not None:
             mods, qs, ws, lams, cfg, dev, key = plan
             ok = True
-            for plist, q, w in key:
+            for plist, q, w, qcfg, learn in key:
                 if not q.enabled or len(plist) != 1 or plist[0] is not q or plist.original is not w \
-                        or w.device != dev:
+                        or w.device != dev or q._cfg is not qcfg or q.learnable_bit != learn \
+                        or q._forward_hooks or q._forward_pre_hooks:
                     ok = False
                     break
             if ok and self._skipped:  # a layer that was not fusable may have become so (e.g. re-enabled)

@@ -273,3 +273,30 @@ def test_fast_path_turns_itself_off_if_torch_cache_is_unreachable():
     with parametrize.cached():
         ref = model(x)
     torch.testing.assert_close(out, ref)
+
+
+def test_fast_path_follows_a_state_dict_load_between_steps(seed):
+    """Loading a state dict with other bit settings between steps (the
+    quantizers' cached configuration changes): the fused plan follows."""
+    from torch.nn.utils import parametrize
+
+    from codeq.fastpath import FusedWeights
+
+    torch.manual_seed(seed)
+    model = build_model(config("mlp", learnable_bit=False))
+    fast = FusedWeights(model)
+    x = torch.randn(4, 3, 32, 32)
+    with parametrize.cached():
+        fast.prefill()
+        model(x)
+    sd = model.state_dict()
+    for k in sd:
+        if k.endswith("fixed_bit"):
+            sd[k] = torch.tensor(2.0)
+    model.load_state_dict(sd)
+    with parametrize.cached():
+        fast.prefill()
+        out = model(x)
+    ref = build_model(config("mlp", learnable_bit=False))
+    ref.load_state_dict(sd)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
