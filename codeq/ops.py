@@ -177,54 +177,33 @@ class UniformFunction(torch.autograd.Function):
         return _uni_backward(ctx, grad_w_hat, grad_scale)
 
 
-class DeadZoneMultiFunction(torch.autograd.Function):
+class DeadZoneMultiFunction:
     """Many dead-zone quantizers (and the group lasso of their outputs) in one
-    fused call and one autograd node.
+    fused call and one autograd node: ``codeq::deadzone_multi``, whose
+    autograd node is written in C++ (csrc/autograd.cpp), so that a training
+    step pays no Python for it.
 
     ``outs = DeadZoneMultiFunction.apply(cfg, *ws, *logit_dz, *logit_bit)`` with
     ``cfg = (fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda)``, one
     entry per weight in each list.  ``outs[:L]`` are the quantized weights,
     ``outs[L]`` is ``sum_l gl_lambda[l] * sum_j ||w_hat_l[:, j]||`` (zero when
     every lambda is 0); ``outs[L + 1]`` and ``outs[L + 2]`` are lists of the
-    per-layer scalars and column norms (plain tensors, no gradient).  Returning
-    those as lists rather than tensors keeps autograd's per-output cost to the
-    weights: it is paid once per layer, not three times.
+    per-layer scalars and column norms (no gradient).  Gradients reach the
+    weights and both logits from the quantized weights and the group lasso;
+    there is no double backward (``create_graph=True`` raises).
     """
 
     @staticmethod
-    def forward(cfg, *tensors):
+    def apply(cfg, *tensors):
         fixed, lo, hi, learn, gl_lambda = cfg
         n = len(fixed)
-        ws, dzs, bits = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
-        w_hat, scalars, norms, gl = torch.ops.codeq.deadzone_forward_multi(
-            list(ws), list(dzs), list(bits), fixed, lo, hi, learn, gl_lambda
+        if len(tensors) != 3 * n:
+            raise ValueError(f"DeadZoneMultiFunction.apply: expected {3 * n} tensors (w, logit_dz, logit_bit per "
+                             f"weight), got {len(tensors)}")
+        w_hat, gl, scalars, norms = torch.ops.codeq.deadzone_multi(
+            tensors[:n], tensors[n : 2 * n], tensors[2 * n :], fixed, lo, hi, learn, gl_lambda
         )
         return (*w_hat, gl, scalars, norms)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        cfg, *tensors = inputs
-        n = len(cfg[0])
-        ctx.n = n
-        ctx.cfg = cfg
-        # The scalars and norms are new tensors nothing else holds or changes:
-        # kept on ctx (no saved-tensor bookkeeping), released with the graph.
-        ctx.scalars, ctx.norms = output[n + 1], output[n + 2]
-        ctx.save_for_backward(*tensors, *output[:n])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        n = ctx.n
-        _, lo, hi, learn, gl_lambda = ctx.cfg
-        saved = ctx.saved_tensors
-        ws, dzs, bits, w_hat = saved[:n], saved[n : 2 * n], saved[2 * n : 3 * n], saved[3 * n : 4 * n]
-        g_hat = [g.contiguous() for g in grads[:n]]
-        gw, gdz, gbit = torch.ops.codeq.deadzone_backward_multi(
-            g_hat, grads[n], list(ws), list(w_hat), list(ctx.scalars), list(ctx.norms), list(dzs), list(bits), lo,
-            hi, learn, gl_lambda,
-        )
-        return (None, *gw, *gdz, *gbit)
 
 
 def _gl_function_forward(lambdas, *weights):

@@ -3,7 +3,8 @@
 // The schemas are defined here, once; each backend registers its kernels in
 // its own file (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(codeq, CPU, ...),
 // csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(codeq, CUDA, ...)).  Fake (meta)
-// kernels and autograd live in codeq/ops.py.
+// kernels and most autograd live in codeq/ops.py; csrc/autograd.cpp holds the
+// C++ autograd node of deadzone_multi.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -47,6 +48,12 @@ TORCH_LIBRARY(codeq, m) {
       "deadzone_forward_multi_unfused(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
       "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
       "-> (Tensor[], Tensor[], Tensor[], Tensor)");
+  // deadzone_forward_multi with autograd (csrc/autograd.cpp, a C++ node):
+  // (w_hat[], gl_loss, scalars[], norms[]); gradients flow into w, logit_dz and
+  // logit_bit from w_hat and gl_loss.  The eager training fast path uses it.
+  m.def(
+      "deadzone_multi(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, float[] min_bits, "
+      "float[] max_bits, bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor, Tensor[], Tensor[])");
   // Its backward: the group-lasso gradient (gl_grad * lambda * w_hat / norm) is
   // added to grad[l] and the dead-zone backward applied, layer by layer; the CPU
   // kernel fuses the two.  Returns (dL/dw[], dL/dlogit_dz[], dL/dlogit_bit[]).

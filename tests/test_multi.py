@@ -153,3 +153,30 @@ def test_backward_twice_with_retain_graph(seed):
     g2 = torch.autograd.grad(loss, ws)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+
+
+def test_double_backward_is_a_clear_error(seed):
+    """The C++ autograd node has no double backward: create_graph=True says so
+    (rather than silently returning gradients without a graph)."""
+    ws, dzs, bits, cfg = make_layers(torch.float32, LAYERS[:2])
+    outs = DeadZoneMultiFunction.apply(tuple(cfg), *ws, *dzs, *bits)
+    loss = outs[0].square().sum() + outs[1].sum() + outs[2]
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, ws, create_graph=True)
+
+
+def test_multi_op_is_differentiable_directly(seed):
+    """torch.ops.codeq.deadzone_multi (what the training fast path calls) gives
+    the per-layer gradients; scalars and norms carry no gradient."""
+    ws, dzs, bits, cfg = make_layers(torch.float32, LAYERS)
+    w_hat, gl, scalars, norms = ops.deadzone_multi(ws, dzs, bits, *cfg)
+    assert gl.requires_grad and all(h.requires_grad for h in w_hat)
+    assert not any(t.requires_grad for t in (*scalars, *norms))
+    ref_hat, ref_gl = per_layer(ws, dzs, bits, cfg)
+    params = [*ws, *dzs, *bits]
+    g = torch.autograd.grad(w_hat[0].sum() + 2.0 * gl, params, allow_unused=True)
+    r = torch.autograd.grad(ref_hat[0].sum() + 2.0 * ref_gl, params, allow_unused=True)
+    for k, (a, b) in enumerate(zip(g, r)):
+        a = torch.zeros_like(params[k]) if a is None else a
+        b = torch.zeros_like(params[k]) if b is None else b
+        assert torch.equal(a, b), f"gradient {k} differs (seed={seed})"

@@ -22,6 +22,7 @@ from codeq.train.config import Config, ConfigError, config_to_dict
 from codeq.train.data import build_loaders, epoch_seed
 from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash
 from codeq.train.logging import Console, MetricsFile, WandbLogger, warn
+from codeq.train.malloc import tune_malloc
 
 __all__ = ["Trainer", "seed_everything", "resolve_device", "check_resume_compatible", "RESUME_KEYS"]
 
@@ -83,6 +84,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, model: nn.Module, optimizer, scheduler,
                  train_loader, val_loader, generator: torch.Generator, dist: DistContext | None = None):
+        tune_malloc()  # no page faults on the step's large CPU tensors (codeq/train/malloc.py)
         self.cfg = cfg
         self.device = device
         self.model = model  # the unwrapped model: state dicts, loss terms, statistics, report

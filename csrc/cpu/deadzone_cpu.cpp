@@ -42,43 +42,59 @@ CODEQ_CPU_CLONES void forward_row_squares(const scalar_t* __restrict w, scalar_t
   gl::add_squares<scalar_t, CT>(out, acc, cols);
 }
 
-// dL/dw over [b, e) and the chunk's two sums (8 independent lanes of double
-// accumulators, summed in a fixed order: deterministic).
+// The backward's reductions G_s and G_delta: kLanes independent double
+// accumulators, element i of a chunk [b, e) going to lane (i - b) % kLanes, in
+// increasing i, the lanes summed in order at the end (deterministic, and the
+// same bits for every loop below).  16 lanes: one AVX-512 register of floats
+// per step (and two of doubles), which the compiler vectorises.
+constexpr int kLanes = 16;
+
+template <typename CT>
+struct LaneSums {
+  double s[kLanes] = {0};
+  double d[kLanes] = {0};
+  void add(int j, const dz::BackwardTerms<CT>& t) {
+    s[j] += static_cast<double>(t.gs);
+    d[j] += static_cast<double>(t.gdelta);
+  }
+  void finish(double* sum_s, double* sum_d) const {
+    double ts = 0, td = 0;
+    for (int j = 0; j < kLanes; ++j) {
+      ts += s[j];
+      td += d[j];
+    }
+    *sum_s = ts;
+    *sum_d = td;
+  }
+};
+
+// dL/dw over [b, e) and the chunk's two sums.
 template <typename scalar_t, typename CT>
 CODEQ_CPU_CLONES void backward_loop(const scalar_t* __restrict g, const scalar_t* __restrict w,
                                     scalar_t* __restrict out, int64_t b, int64_t e, CT s, CT delta, CT Q,
                                     double* sum_s, double* sum_d) {
-  constexpr int L = 8;
-  double acc_s[L] = {0}, acc_d[L] = {0};
+  LaneSums<CT> acc;
   int64_t i = b;
-  for (; i + L <= e; i += L) {
-    for (int j = 0; j < L; ++j) {
+  for (; i + kLanes <= e; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
       const auto t = dz::backward_element<CT>(static_cast<CT>(g[i + j]), static_cast<CT>(w[i + j]), s, delta, Q);
       out[i + j] = static_cast<scalar_t>(t.grad_w);
-      acc_s[j] += static_cast<double>(t.gs);
-      acc_d[j] += static_cast<double>(t.gdelta);
+      acc.add(j, t);
     }
   }
   for (int j = 0; i < e; ++i, ++j) {
     const auto t = dz::backward_element<CT>(static_cast<CT>(g[i]), static_cast<CT>(w[i]), s, delta, Q);
     out[i] = static_cast<scalar_t>(t.grad_w);
-    acc_s[j] += static_cast<double>(t.gs);
-    acc_d[j] += static_cast<double>(t.gdelta);
+    acc.add(j, t);
   }
-  double ts = 0, td = 0;
-  for (int j = 0; j < L; ++j) {
-    ts += acc_s[j];
-    td += acc_d[j];
-  }
-  *sum_s = ts;
-  *sum_d = td;
+  acc.finish(sum_s, sum_d);
 }
 
-// backward_loop with the group-lasso gradient added to g in registers:
-// g' = g + w_hat * scale[col], w_hat recomputed from w (bit for bit the
-// forward's value), rounded as autograd rounds the unfused sum.  Needs cols %
-// 8 == 0 and b % 8 == 0 (no block of 8 straddles a row), and gives the same
-// bits as backward_loop on the materialised g'.
+// One element of backward_loop with the group-lasso gradient added to g in
+// registers: g' = g + w_hat * sc, w_hat recomputed from w (bit for bit the
+// forward's value), rounded as autograd rounds the unfused sum (the
+// group-lasso gradient in the weight's dtype, then the sum in the weight's
+// dtype).  The same bits as backward_element on the materialised g'.
 template <typename scalar_t, typename CT>
 __attribute__((always_inline)) inline dz::BackwardTerms<CT> gl_element(scalar_t g, scalar_t w, CT sc, CT s, CT delta,
                                                                       CT Q) {
@@ -91,57 +107,40 @@ __attribute__((always_inline)) inline dz::BackwardTerms<CT> gl_element(scalar_t 
   return dz::backward_terms<CT>(gg, wv, x, q, s);
 }
 
+// backward_loop with the group-lasso gradient fused in (scale[col] per column
+// of the [rows, cols] view).  Walks [b, e) row segment by row segment: whole
+// blocks of kLanes inside a segment take the vector loop, the elements before
+// and after them the scalar one, each into lane (i - b) % kLanes -- the
+// lanes and order of backward_loop, so the sums have its bits.
 template <typename scalar_t, typename CT>
 CODEQ_CPU_CLONES void backward_loop_gl(const scalar_t* __restrict g, const scalar_t* __restrict w,
                                        const CT* __restrict scale, int64_t cols, scalar_t* __restrict out,
                                        int64_t b, int64_t e, CT s, CT delta, CT Q, double* sum_s, double* sum_d) {
-  constexpr int L = 8;
-  double acc_s[L] = {0}, acc_d[L] = {0};
+  LaneSums<CT> acc;
   int64_t i = b;
-  // Runs of whole blocks inside one row (run starts stay multiples of 8 from b,
-  // so lane j is element (i - b) % 8, as in backward_loop).
-  while (i + L <= e) {
-    const int64_t col0 = i % cols;
-    const int64_t run = std::min(cols - col0, (e - i) / L * L);
-    const CT* sc = scale + col0;
-    const scalar_t* gr = g + i;
-    const scalar_t* wr = w + i;
-    scalar_t* o = out + i;
-    for (int64_t k = 0; k < run; k += L) {
-      for (int j = 0; j < L; ++j) {
-        const auto t = gl_element<scalar_t, CT>(gr[k + j], wr[k + j], sc[k + j], s, delta, Q);
-        o[k + j] = static_cast<scalar_t>(t.grad_w);
-        acc_s[j] += static_cast<double>(t.gs);
-        acc_d[j] += static_cast<double>(t.gdelta);
+  while (i < e) {
+    const int64_t row0 = i - i % cols;  // index of column 0 of this row
+    const int64_t seg_end = std::min(e, row0 + cols);
+    const CT* sc = scale - row0;  // sc[i] is element i's column scale inside this row
+    for (; i < seg_end && (i - b) % kLanes != 0; ++i) {
+      const auto t = gl_element<scalar_t, CT>(g[i], w[i], sc[i], s, delta, Q);
+      out[i] = static_cast<scalar_t>(t.grad_w);
+      acc.add(static_cast<int>((i - b) % kLanes), t);
+    }
+    for (; i + kLanes <= seg_end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const auto t = gl_element<scalar_t, CT>(g[i + j], w[i + j], sc[i + j], s, delta, Q);
+        out[i + j] = static_cast<scalar_t>(t.grad_w);
+        acc.add(j, t);
       }
     }
-    i += run;
+    for (; i < seg_end; ++i) {
+      const auto t = gl_element<scalar_t, CT>(g[i], w[i], sc[i], s, delta, Q);
+      out[i] = static_cast<scalar_t>(t.grad_w);
+      acc.add(static_cast<int>((i - b) % kLanes), t);
+    }
   }
-  for (int j = 0; i < e; ++i, ++j) {
-    const auto t = gl_element<scalar_t, CT>(g[i], w[i], scale[i % cols], s, delta, Q);
-    out[i] = static_cast<scalar_t>(t.grad_w);
-    acc_s[j] += static_cast<double>(t.gs);
-    acc_d[j] += static_cast<double>(t.gdelta);
-  }
-  double ts = 0, td = 0;
-  for (int j = 0; j < L; ++j) {
-    ts += acc_s[j];
-    td += acc_d[j];
-  }
-  *sum_s = ts;
-  *sum_d = td;
-}
-
-// g + (the group-lasso gradient w_hat * scale[j]) over a run of one row,
-// rounded as autograd computes it unfused: the group-lasso gradient in the
-// weight's dtype, then the sum of the two in the weight's dtype.
-template <typename scalar_t, typename CT>
-CODEQ_CPU_CLONES void gl_add_loop(const scalar_t* __restrict g, const scalar_t* __restrict w_hat,
-                                  const CT* __restrict scale, scalar_t* __restrict out, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) {
-    const scalar_t gl = static_cast<scalar_t>(static_cast<CT>(w_hat[k]) * scale[k]);
-    out[k] = static_cast<scalar_t>(static_cast<CT>(g[k]) + static_cast<CT>(gl));
-  }
+  acc.finish(sum_s, sum_d);
 }
 
 at::Tensor abs_quantile_cpu(const at::Tensor& x, double q) {
@@ -268,9 +267,9 @@ deadzone_forward_multi_cpu(at::TensorList w, at::TensorList logit_dz, at::Tensor
 }
 
 // The group-lasso term fused into one layer's backward: g + gl_grad * lambda
-// * w_hat / ||w_hat[:, j]|| (columns of the [rows, cols] view).
+// * w_hat / ||w_hat[:, j]|| (columns of the [rows, cols] view; w_hat is
+// recomputed from w, bit for bit).
 struct FusedGL {
-  const at::Tensor* w_hat = nullptr;  // contiguous, like w
   const at::Tensor* norms = nullptr;  // [cols], the compute dtype
   double g_lambda_grad = 0.0;         // gl_grad
   double lambda = 0.0;
@@ -301,19 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_impl(const at::
 
     // The group-lasso column scales (as group_lasso_backward computes them).
     std::vector<CT> scale;
-    const scalar_t* whp = nullptr;
     int64_t cols = 1;
     if (gl != nullptr) {
       cols = wc.size(0) == 0 ? 1 : n / wc.size(0);
-      TORCH_CHECK(gl->norms->numel() == cols && gl->w_hat->numel() == n &&
-                      gl->norms->scalar_type() == c10::CppTypeToScalarType<CT>::value,
-                  "codeq.deadzone_backward_multi: norms / w_hat do not match w");
+      TORCH_CHECK(gl->norms->numel() == cols && gl->norms->scalar_type() == c10::CppTypeToScalarType<CT>::value,
+                  "codeq.deadzone_backward_multi: norms do not match w");
       const CT g_lambda = static_cast<CT>(static_cast<CT>(gl->g_lambda_grad) * static_cast<CT>(gl->lambda));
       const at::Tensor nc = gl->norms->contiguous();
       const CT* np = nc.const_data_ptr<CT>();
       scale.resize(static_cast<size_t>(cols));
       for (int64_t j = 0; j < cols; ++j) scale[j] = gl::column_scale<CT>(g_lambda, np[j]);
-      whp = gl->w_hat->const_data_ptr<scalar_t>();
     }
 
     // Deterministic reductions: fixed chunks, partial sums in double, summed
@@ -321,24 +317,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_impl(const at::
     const int64_t nchunks = (n + kReduceChunk - 1) / kReduceChunk;
     std::vector<double> part_s(nchunks), part_d(nchunks);
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<scalar_t> tmp(gl != nullptr && cols % 8 != 0 ? static_cast<size_t>(std::min(n, kReduceChunk)) : 0);
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c * kReduceChunk, e = std::min(n, b + kReduceChunk);
         if (gl == nullptr) {
           backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
-          continue;
-        }
-        if (cols % 8 == 0) {  // kReduceChunk % 8 == 0 too: blocks of 8 stay inside a row
+        } else {
           backward_loop_gl<scalar_t, CT>(gp, wp, scale.data(), cols, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
-          continue;
         }
-        // g + the group-lasso gradient into tmp, one row run at a time.
-        for (int64_t i = b, j = b % cols; i < e; j = 0) {
-          const int64_t len = std::min(e - i, cols - j);
-          gl_add_loop<scalar_t, CT>(gp + i, whp + i, scale.data() + j, tmp.data() + (i - b), len);
-          i += len;
-        }
-        backward_loop<scalar_t, CT>(tmp.data(), wp + b, out + b, 0, e - b, s, delta, Q, &part_s[c], &part_d[c]);
       }
     });
     double G_s = 0, G_d = 0;
@@ -393,9 +378,7 @@ MultiGrads deadzone_backward_multi_cpu(at::TensorList grad, const at::Tensor& gl
     }
     TORCH_CHECK(w_hat[l].sizes() == w[l].sizes() && w_hat[l].scalar_type() == w[l].scalar_type(),
                 "codeq.deadzone_backward_multi: w_hat[", l, "] does not match w[", l, "]");
-    const at::Tensor whc = w_hat[l].contiguous();
     FusedGL gl;
-    gl.w_hat = &whc;
     gl.norms = &norms[l];
     gl.g_lambda_grad = glg;
     gl.lambda = gl_lambda[l];
