@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <array>
@@ -108,6 +109,10 @@ int64_t window_pass_scalar(const scalar_t* __restrict data, int64_t b, int64_t e
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CODEQ_NO_CLONES)
 #define CODEQ_WINDOW_SIMD 1
+// Branch-free: every step compresses the in-window keys to the front of a
+// register and stores all 16 lanes at out + cnt (only while that stays inside
+// out[0..cap)), so a window that catches a key in one step of five costs no
+// mispredicted branches; the count below L is kept per lane.
 __attribute__((target("avx512f"))) inline int64_t window_pass_avx512(const float* __restrict data, int64_t b,
                                                                      int64_t e, uint32_t L, uint32_t U,
                                                                      uint32_t* __restrict out, int64_t cap,
@@ -115,24 +120,28 @@ __attribute__((target("avx512f"))) inline int64_t window_pass_avx512(const float
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
   const __m512i vL = _mm512_set1_epi32(static_cast<int>(L));
   const __m512i vW = _mm512_set1_epi32(static_cast<int>(U - L));
+  const __m512i one = _mm512_set1_epi32(1);
   __m512i vmax = _mm512_setzero_si512();
-  int64_t below = 0, cnt = 0;
+  __m512i vbelow = _mm512_setzero_si512();  // per-lane counts (< 2^31: chunks are < 2^35 keys)
+  int64_t cnt = 0;
   int64_t i = b;
   for (; i + 16 <= e; i += 16) {
     const __m512i k = _mm512_and_si512(_mm512_loadu_si512(data + i), absmask);
     vmax = _mm512_max_epu32(vmax, k);
-    below += __builtin_popcount(static_cast<unsigned>(_mm512_cmplt_epu32_mask(k, vL)));
+    vbelow = _mm512_mask_add_epi32(vbelow, _mm512_cmplt_epu32_mask(k, vL), vbelow, one);
     const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vL), vW);
-    if (in) {
-      if (cnt + 16 > cap) {
-        *nout = -1;
-        return below;
-      }
-      _mm512_mask_compressstoreu_epi32(out + cnt, in, k);
-      cnt += __builtin_popcount(static_cast<unsigned>(in));
+    if (cnt + 16 > cap) {  // (rare) the window holds more than the caller expected
+      *nout = -1;
+      return 0;
     }
+    _mm512_storeu_si512(out + cnt, _mm512_maskz_compress_epi32(in, k));
+    cnt += __builtin_popcount(static_cast<unsigned>(in));
   }
   maxkey = std::max(maxkey, static_cast<uint32_t>(_mm512_reduce_max_epu32(vmax)));
+  alignas(64) uint32_t lanes[16];
+  _mm512_store_si512(lanes, vbelow);
+  int64_t below = 0;
+  for (int j = 0; j < 16; ++j) below += lanes[j];
   int64_t tail = 0;
   below += window_pass_scalar<float, float>(data, i, e, L, U, out + cnt, cap - cnt, &tail, maxkey);
   *nout = tail < 0 ? -1 : cnt + tail;
@@ -317,9 +326,11 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
   } else if (n >= kWindowMin && window_select<scalar_t, CT>(data, n, q, rank.lo, rank.hi, cand, prefix)) {
     // one pass: the exact answer lies in a window found from a strided sample
   } else {
-    // Fixed chunking (independent of thread ids; uint32 counts per chunk).
+    // Fixed chunking (independent of thread ids; uint32 counts per chunk);
+    // below 2 * kWindowMin keys one chunk, which runs on the calling thread (a
+    // parallel region costs more than such a pass).
     const int64_t max_chunk = int64_t(1) << 30;
-    const int64_t nchunks = std::max<int64_t>({int64_t(1), std::min<int64_t>(at::get_num_threads(), n / kSmall),
+    const int64_t nchunks = std::max<int64_t>({int64_t(1), std::min<int64_t>(at::get_num_threads(), n / kWindowMin),
                                                (n + max_chunk - 1) / max_chunk});
     const int64_t chunk = (n + nchunks - 1) / nchunks;
     std::vector<uint32_t> hist(static_cast<size_t>(nchunks) * kBins1, 0);
@@ -350,24 +361,33 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
       }
       cum = next;
     }
-    // Pass 2: gather the keys of bins [b_lo, b_hi].
+    // Pass 2: gather the keys of bins [b_lo, b_hi] -- a window pass whose
+    // per-chunk counts the histogram already gave (plus the SIMD store's slack).
     const Key key_lo = static_cast<Key>(b_lo) << shift;
     const Key key_hi = (static_cast<Key>(b_hi + 1) << shift) - 1;
-    std::vector<std::vector<Key>> parts(nchunks);
+    std::vector<int64_t> offset(nchunks + 1, 0), got(nchunks, 0);
+    for (int64_t c = 0; c < nchunks; ++c) {
+      int64_t in_bins = 0;
+      for (int b = b_lo; b <= b_hi; ++b) in_bins += hist[c * kBins1 + b];
+      offset[c + 1] = offset[c] + in_bins + 16;
+    }
+    std::unique_ptr<Key[]> buf(new Key[static_cast<size_t>(offset[nchunks])]);  // uninitialised
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t b = c * chunk, e = std::min(n, b + chunk);
-        auto& out = parts[c];
-        for (int64_t i = b; i < e; ++i) {
-          const Key k = select::abs_key<CT>(static_cast<CT>(data[i]));
-          if (k >= key_lo && k <= key_hi) out.push_back(k);
-        }
+        bool nan = false;
+        window_pass<scalar_t, CT>(data, b, e, key_lo, key_hi, buf.get() + offset[c], offset[c + 1] - offset[c],
+                                  &got[c], nan);
       }
     });
     size_t count = 0;
-    for (auto& p : parts) count += p.size();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      TORCH_CHECK(got[c] >= 0 && got[c] + 16 == offset[c + 1] - offset[c],
+                  "codeq.abs_quantile: internal error (the gather pass disagrees with the histogram)");
+      count += static_cast<size_t>(got[c]);
+    }
     cand.reserve(count);
-    for (auto& p : parts) cand.insert(cand.end(), p.begin(), p.end());
+    for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf.get() + offset[c], buf.get() + offset[c] + got[c]);
 
     // Narrow large candidate sets (heavy ties, flat distributions) with 8-bit
     // radix passes over the next key bits before the final nth_element.
