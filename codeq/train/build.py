@@ -23,6 +23,7 @@ from torch import nn
 
 from codeq.train import data as _data
 from codeq.train.config import Config, ConfigError
+from codeq.train.optim import lean_class
 
 __all__ = [
     "MODEL_REGISTRY",
@@ -339,8 +340,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     extra = {}
     if _wants_fused(cls, groups):
         # One fused kernel for all parameters instead of a Python loop per tensor:
-        # QAT adds two scalar logits per layer, which the per-tensor loop pays for.
+        # QAT adds two scalar logits per layer, which the per-tensor loop pays for;
+        # and torch's per-group Python trimmed (codeq/train/optim.py).
         extra["fused"] = True
+        cls = lean_class(cls)
     try:
         return cls(groups, **extra)
     except (TypeError, ValueError) as exc:
