@@ -10,6 +10,8 @@
 
 #include <string>
 
+#include "cpu/quantile_cpu.h"
+
 #ifndef CODEQ_CUDA_ARCHS
 #define CODEQ_CUDA_ARCHS ""
 #endif
@@ -96,4 +98,12 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "codeq fused kernels (ops are registered under torch.ops.codeq)";
   m.def("build_info", &build_info, "What this extension was built with");
+  m.def(
+      "quantile_hint_stats",
+      [] {
+        std::lock_guard<std::mutex> lock(codeq::cpu::hint_mutex());
+        const auto& st = codeq::cpu::hint_stats();
+        return std::make_pair(st.hits, st.misses);
+      },
+      "(hits, misses) of the CPU quantile's previous-result hints in this process");
 }

@@ -270,3 +270,36 @@ def test_quantile_window_simd_paths(level, seed):
     r = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, str(seed)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), f"seed={seed}\n{r.stdout}\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_quantile_hint_is_exact(dtype, seed):
+    """The CPU quantile starts from its previous answer for the same storage (a
+    window around it; codeq/cpu/quantile_cpu.h): a training step's in-place
+    updates, big jumps, ties, NaN and an all-zero tensor all still give
+    torch.quantile's answer bit for bit, and the hint is really used."""
+    from codeq import _ext
+
+    g = torch.Generator().manual_seed(seed)
+    hits0, misses0 = _ext._C.quantile_hint_stats()
+    for n in (8192, 50_000, 368_640):
+        w = (torch.rand(n, generator=g) - 0.5).to(dtype)
+        for step in range(14):
+            if step == 5:
+                w.mul_(3.0)  # a jump far outside the window: a miss, then hits again
+            elif step == 8:
+                w.copy_(torch.randint(-20, 21, (n,), generator=g).to(dtype) / 7)  # heavy ties
+            elif step == 10:
+                w[n // 2] = float("nan")
+            elif step == 11:
+                w.copy_((torch.randn(n, generator=g) * 0.05).to(dtype))
+            elif step == 12:
+                w.zero_()
+            else:
+                w.add_((torch.randn(n, generator=g) * 0.002).to(dtype))  # an optimizer step's drift
+            got = torch.ops.codeq.abs_quantile(w, 0.99)
+            want = R.abs_quantile(w, 0.99)
+            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (dtype, n, step, float(got), float(want))
+    hits, misses = _ext._C.quantile_hint_stats()
+    assert hits - hits0 >= 3 * 6, (hits - hits0, misses - misses0)  # the drift steps hit
+    assert misses - misses0 >= 3, (hits - hits0, misses - misses0)  # the first call and the jumps miss

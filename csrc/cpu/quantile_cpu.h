@@ -17,8 +17,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -304,6 +306,116 @@ bool window_select(const scalar_t* data, int64_t n, double q, int64_t lo, int64_
   return true;
 }
 
+// The previous result as a hint (exact either way).  A training step asks for
+// the 0.99-quantile of the same weight storage every step, and it moves little
+// between steps: the window [a_prev (1 - eps), a_prev (1 + eps)] around the
+// previous answer usually holds the ranks, narrower than a sampled window and
+// without the sample.  The cache maps (data pointer, n, q) to (a_prev, eps); a
+// wrong or stale hint costs one window pass, after which the sampled or radix
+// path runs as before.  The pointer is only compared, never read.
+constexpr int64_t kHintMin = int64_t(1) << 13;
+constexpr int kHintSlots = 64;
+
+struct QuantileHint {
+  const void* ptr = nullptr;
+  int64_t n = 0;
+  double q = 0.0;
+  double a = 0.0;
+  double eps = 0.0;
+  uint64_t used = 0;  // last use (0: empty); the least recently used slot is replaced
+};
+
+struct HintStats {
+  int64_t hits = 0, misses = 0;
+  uint64_t clock = 0;
+};
+
+inline std::mutex& hint_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline QuantileHint* hint_slots() {
+  static QuantileHint slots[kHintSlots];
+  return slots;
+}
+inline HintStats& hint_stats() {
+  static HintStats st;
+  return st;
+}
+inline bool hints_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("CODEQ_QUANTILE_HINT");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+inline bool hint_lookup(const void* ptr, int64_t n, double q, double& a, double& eps) {
+  std::lock_guard<std::mutex> lock(hint_mutex());
+  QuantileHint* slots = hint_slots();
+  for (int i = 0; i < kHintSlots; ++i) {
+    if (slots[i].used != 0 && slots[i].ptr == ptr && slots[i].n == n && slots[i].q == q) {
+      a = slots[i].a;
+      eps = slots[i].eps;
+      slots[i].used = ++hint_stats().clock;
+      return true;
+    }
+  }
+  return false;
+}
+
+inline void hint_store(const void* ptr, int64_t n, double q, double a, double eps, bool hit) {
+  std::lock_guard<std::mutex> lock(hint_mutex());
+  QuantileHint* slots = hint_slots();
+  auto& st = hint_stats();
+  (hit ? st.hits : st.misses) += 1;
+  int slot = -1, oldest = 0;
+  for (int i = 0; i < kHintSlots && slot < 0; ++i) {
+    if (slots[i].used != 0 && slots[i].ptr == ptr && slots[i].n == n && slots[i].q == q) slot = i;
+    if (slots[i].used < slots[oldest].used) oldest = i;
+  }
+  if (slot < 0) slot = oldest;  // an empty slot, else the least recently used one
+  slots[slot] = QuantileHint{ptr, n, q, a, eps, ++st.clock};
+}
+
+// The window pass over [key(a (1 - eps)), key(a (1 + eps))]: true (cand,
+// prefix set) if it holds ranks lo and hi.
+template <typename scalar_t, typename CT>
+bool hint_select(const scalar_t* data, int64_t n, int64_t lo, int64_t hi, double a, double eps,
+                 std::vector<typename select::KeyTraits<CT>::Key>& cand, int64_t& prefix) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  if (!(a > 0.0) || !std::isfinite(a)) return false;
+  const Key L = select::abs_key<CT>(static_cast<CT>(a * (1.0 - eps)));
+  const Key U = select::abs_key<CT>(static_cast<CT>(a * (1.0 + eps)));
+  if (select::key_is_nan<CT>(U)) return false;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kWindowMin));
+  const int64_t chunk = (n + nchunks - 1) / nchunks;
+  const int64_t cap = chunk / 8 + 64;  // more than 1/8 of the keys in the window: not worth it
+  std::unique_ptr<Key[]> buf(new Key[static_cast<size_t>(cap * nchunks)]);  // uninitialised
+  std::vector<int64_t> below(nchunks, 0), count(nchunks, 0);
+  std::vector<char> nan_seen(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * chunk, e = std::min(n, b + chunk);
+      bool nan = false;
+      below[c] = window_pass<scalar_t, CT>(data, b, e, L, U, buf.get() + c * cap, cap, &count[c], nan);
+      nan_seen[c] = nan;
+    }
+  });
+  int64_t total_below = 0, total = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (nan_seen[c] || count[c] < 0) return false;
+    total_below += below[c];
+    total += count[c];
+  }
+  if (lo < total_below || hi >= total_below + total) return false;
+  cand.clear();
+  cand.reserve(static_cast<size_t>(total));
+  for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf.get() + c * cap, buf.get() + c * cap + count[c]);
+  prefix = total_below;
+  return true;
+}
+
 template <typename scalar_t, typename CT = typename AccType<scalar_t>::type>
 CT abs_quantile(const scalar_t* data, int64_t n, double q) {
   using Traits = select::KeyTraits<CT>;
@@ -315,7 +427,13 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
   int64_t prefix = 0;
 
   constexpr int64_t kSmall = 1 << 12;
-  if (n <= kSmall) {
+  const bool use_hint = n >= kHintMin && hints_enabled();
+  double hint_a = 0.0, hint_eps = 0.0;
+  const bool have_hint = use_hint && hint_lookup(data, n, q, hint_a, hint_eps);
+  bool hit = false;
+  if (have_hint && hint_select<scalar_t, CT>(data, n, rank.lo, rank.hi, hint_a, hint_eps, cand, prefix)) {
+    hit = true;  // one pass over a narrow window around the previous answer
+  } else if (n <= kSmall) {
     cand.resize(n);
     bool has_nan = false;
     for (int64_t i = 0; i < n; ++i) {
@@ -431,7 +549,20 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
 
   Key k_lo, k_hi;
   select_two(cand, rank.lo - prefix, rank.hi != rank.lo, k_lo, k_hi);
-  return dz::lerp<CT>(select::key_value<CT>(k_lo), select::key_value<CT>(k_hi), rank.weight);
+  const CT result = dz::lerp<CT>(select::key_value<CT>(k_lo), select::key_value<CT>(k_hi), rank.weight);
+  if (use_hint) {
+    // Next window: 4x this call's relative change, shrinking at most by half a
+    // call, at least 0.1% and at most 5%; after a miss at least twice as wide.
+    const double r = static_cast<double>(result);
+    double eps = 0.01;
+    if (have_hint && hint_a > 0.0 && std::isfinite(r)) {
+      const double change = 4.0 * std::fabs(r - hint_a) / hint_a + 0.0005;
+      eps = hit ? std::max(change, 0.5 * hint_eps) : std::max(change, 2.0 * hint_eps);
+      eps = std::min(0.05, std::max(0.001, eps));
+    }
+    hint_store(data, n, q, r, eps, hit);
+  }
+  return result;
 }
 
 }  // namespace cpu
