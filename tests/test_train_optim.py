@@ -9,6 +9,21 @@ import torch
 from codeq.train.optim import LeanFusedStep, lean_class
 
 
+@pytest.fixture
+def lean_used(monkeypatch):
+    """Counts the steps that took the lean path (not torch's own step)."""
+    used = {"n": 0}
+    orig = LeanFusedStep._lean_calls
+
+    def spy(self):
+        r = orig(self)
+        used["n"] += r is not None
+        return r
+
+    monkeypatch.setattr(LeanFusedStep, "_lean_calls", spy)
+    return used
+
+
 def make_params(seed):
     g = torch.Generator().manual_seed(seed)
     shapes = [(64, 32), (64,), (10, 64), (), (), ()]
@@ -38,20 +53,11 @@ def run(cls, seed, steps=6, skip_grad_at=2, **kw):
 
 
 @pytest.mark.parametrize("base", [torch.optim.AdamW, torch.optim.Adam], ids=["adamw", "adam"])
-def test_lean_step_is_bitwise_torch(base, seed, monkeypatch):
-    used = {"lean": 0}
-    orig = LeanFusedStep._lean_calls
-
-    def spy(self):
-        r = orig(self)
-        used["lean"] += r is not None
-        return r
-
-    monkeypatch.setattr(LeanFusedStep, "_lean_calls", spy)
+def test_lean_step_is_bitwise_torch(base, seed, lean_used):
     lean_ps, lean_opt = run(lean_class(base), seed, weight_decay=0.0)
     ref_ps, ref_opt = run(base, seed, weight_decay=0.0)
     # torch's own step ran only on the first step (it creates the state)
-    assert used["lean"] == 5
+    assert lean_used["n"] == 5
     for a, b in zip(lean_ps, ref_ps):
         assert torch.equal(a, b)
     sa, sb = lean_opt.state_dict(), ref_opt.state_dict()
@@ -80,7 +86,7 @@ def test_state_dicts_are_interchangeable(seed):
 
 
 @pytest.mark.parametrize("case", ["amsgrad", "closure", "grad_scale"])
-def test_falls_back_to_torch(case, seed, monkeypatch):
+def test_falls_back_to_torch(case, seed, lean_used):
     cls = lean_class(torch.optim.AdamW)
     ps = make_params(seed)
     opt = cls(groups_of(ps), fused=True, amsgrad=(case == "amsgrad"))
@@ -89,15 +95,6 @@ def test_falls_back_to_torch(case, seed, monkeypatch):
     if case == "grad_scale":
         for o in (opt, ref):
             o.grad_scale, o.found_inf = torch.tensor(2.0), torch.tensor(0.0)
-    lean_used = {"n": 0}
-    orig = LeanFusedStep._lean_calls
-
-    def spy(self):
-        r = orig(self)
-        lean_used["n"] += r is not None
-        return r
-
-    monkeypatch.setattr(LeanFusedStep, "_lean_calls", spy)
     for k in range(3):
         for a, b in zip(ps, ref_ps):
             a.grad = torch.full_like(a, 0.1 * (k + 1))

@@ -248,39 +248,23 @@ void select_two(std::vector<Key>& cand, int64_t k, bool want_next, Key& out_k, K
   if (want_next) out_next = *std::min_element(cand.begin() + k + 1, cand.end());
 }
 
-// Sampled window (exact, usually one pass): the keys of a deterministic
-// strided sample bound a window [L, U] that holds ranks lo and hi with high
-// probability (+-4.5 sigma of the sample quantile); one parallel pass counts
-// the keys below L and gathers those inside.  Returns false (caller falls back
-// to the radix passes) if the ranks fall outside, the window is too wide, or a
-// NaN was seen (the fallback handles NaN).  The result never depends on the
-// sample: only how fast it is found.
+// Chunks of at least kWindowMin keys per thread; the sampled window needs
+// at least that many keys and draws kSamples of them.
 constexpr int64_t kWindowMin = int64_t(1) << 16;
 constexpr int kSamples = 4096;
 
+// One parallel window pass over [L, U] in fixed chunks: true (cand, prefix
+// set) if the window holds ranks lo and hi.  cap_share: the room per chunk, as
+// a share of the chunk's keys (more keys in the window, a NaN, or ranks
+// outside: false, and the caller falls back).
 template <typename scalar_t, typename CT>
-bool window_select(const scalar_t* data, int64_t n, double q, int64_t lo, int64_t hi,
+bool window_gather(const scalar_t* data, int64_t n, typename select::KeyTraits<CT>::Key L,
+                   typename select::KeyTraits<CT>::Key U, double cap_share, int64_t lo, int64_t hi,
                    std::vector<typename select::KeyTraits<CT>::Key>& cand, int64_t& prefix) {
   using Key = typename select::KeyTraits<CT>::Key;
-  std::vector<Key> sample(kSamples);
-  const int64_t stride = n / kSamples;  // >= 16 since n >= kWindowMin
-  for (int j = 0; j < kSamples; ++j) sample[j] = select::abs_key<CT>(static_cast<CT>(data[j * stride + stride / 2]));
-  const double m = kSamples;
-  const double margin = 4.5 * std::sqrt(m * q * (1.0 - q)) + 2.0;
-  const double center = q * (m - 1);
-  const int64_t s_lo = static_cast<int64_t>(std::max(0.0, std::floor(center - margin)));
-  const int64_t s_hi = static_cast<int64_t>(std::min(m - 1, std::ceil(center + margin)));
-  if (s_lo == 0 || s_hi == kSamples - 1) return false;  // window would be open-ended: no gain
-  std::nth_element(sample.begin(), sample.begin() + s_lo, sample.end());
-  const Key L = sample[s_lo];
-  std::nth_element(sample.begin() + s_lo, sample.begin() + s_hi, sample.end());
-  const Key U = sample[s_hi];
-
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kWindowMin));
   const int64_t chunk = (n + nchunks - 1) / nchunks;
-  // Room for 2x the expected share of the window per chunk (more means the
-  // sample misled us, e.g. heavy ties: the radix passes handle that).
-  const int64_t cap = static_cast<int64_t>(static_cast<double>(chunk) * (s_hi - s_lo + 1) / m * 2.0) + 64;
+  const int64_t cap = static_cast<int64_t>(static_cast<double>(chunk) * cap_share) + 64;
   std::unique_ptr<Key[]> buf(new Key[static_cast<size_t>(cap * nchunks)]);  // uninitialised
   std::vector<int64_t> below(nchunks, 0), count(nchunks, 0);
   std::vector<char> nan_seen(nchunks, 0);
@@ -304,6 +288,37 @@ bool window_select(const scalar_t* data, int64_t n, double q, int64_t lo, int64_
   for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf.get() + c * cap, buf.get() + c * cap + count[c]);
   prefix = total_below;
   return true;
+}
+
+// Sampled window (exact, usually one pass): the keys of a deterministic
+// strided sample bound a window [L, U] that holds ranks lo and hi with high
+// probability (+-4.5 sigma of the sample quantile); one parallel pass counts
+// the keys below L and gathers those inside.  Returns false (caller falls back
+// to the radix passes) if the ranks fall outside, the window is too wide, or a
+// NaN was seen (the fallback handles NaN).  The result never depends on the
+// sample: only how fast it is found.
+
+template <typename scalar_t, typename CT>
+bool window_select(const scalar_t* data, int64_t n, double q, int64_t lo, int64_t hi,
+                   std::vector<typename select::KeyTraits<CT>::Key>& cand, int64_t& prefix) {
+  using Key = typename select::KeyTraits<CT>::Key;
+  std::vector<Key> sample(kSamples);
+  const int64_t stride = n / kSamples;  // >= 16 since n >= kWindowMin
+  for (int j = 0; j < kSamples; ++j) sample[j] = select::abs_key<CT>(static_cast<CT>(data[j * stride + stride / 2]));
+  const double m = kSamples;
+  const double margin = 4.5 * std::sqrt(m * q * (1.0 - q)) + 2.0;
+  const double center = q * (m - 1);
+  const int64_t s_lo = static_cast<int64_t>(std::max(0.0, std::floor(center - margin)));
+  const int64_t s_hi = static_cast<int64_t>(std::min(m - 1, std::ceil(center + margin)));
+  if (s_lo == 0 || s_hi == kSamples - 1) return false;  // window would be open-ended: no gain
+  std::nth_element(sample.begin(), sample.begin() + s_lo, sample.end());
+  const Key L = sample[s_lo];
+  std::nth_element(sample.begin() + s_lo, sample.begin() + s_hi, sample.end());
+  const Key U = sample[s_hi];
+
+  // Room for 2x the expected share of the window per chunk (more means the
+  // sample misled us, e.g. heavy ties: the radix passes handle that).
+  return window_gather<scalar_t, CT>(data, n, L, U, (s_hi - s_lo + 1) / m * 2.0, lo, hi, cand, prefix);
 }
 
 // The previous result as a hint (exact either way).  A training step asks for
@@ -388,32 +403,8 @@ bool hint_select(const scalar_t* data, int64_t n, int64_t lo, int64_t hi, double
   const Key L = select::abs_key<CT>(static_cast<CT>(a * (1.0 - eps)));
   const Key U = select::abs_key<CT>(static_cast<CT>(a * (1.0 + eps)));
   if (select::key_is_nan<CT>(U)) return false;
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kWindowMin));
-  const int64_t chunk = (n + nchunks - 1) / nchunks;
-  const int64_t cap = chunk / 8 + 64;  // more than 1/8 of the keys in the window: not worth it
-  std::unique_ptr<Key[]> buf(new Key[static_cast<size_t>(cap * nchunks)]);  // uninitialised
-  std::vector<int64_t> below(nchunks, 0), count(nchunks, 0);
-  std::vector<char> nan_seen(nchunks, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b = c * chunk, e = std::min(n, b + chunk);
-      bool nan = false;
-      below[c] = window_pass<scalar_t, CT>(data, b, e, L, U, buf.get() + c * cap, cap, &count[c], nan);
-      nan_seen[c] = nan;
-    }
-  });
-  int64_t total_below = 0, total = 0;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    if (nan_seen[c] || count[c] < 0) return false;
-    total_below += below[c];
-    total += count[c];
-  }
-  if (lo < total_below || hi >= total_below + total) return false;
-  cand.clear();
-  cand.reserve(static_cast<size_t>(total));
-  for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf.get() + c * cap, buf.get() + c * cap + count[c]);
-  prefix = total_below;
-  return true;
+  // more than 1/8 of the keys in the window: not worth it
+  return window_gather<scalar_t, CT>(data, n, L, U, 1.0 / 8.0, lo, hi, cand, prefix);
 }
 
 template <typename scalar_t, typename CT = typename AccType<scalar_t>::type>
