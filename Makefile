@@ -6,11 +6,15 @@ PIP := $(PY) -m pip
 # nvcc 13 lives here on our machines; torch otherwise guesses /usr/local.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+# torch's CUDA wheels are GBs: no second copy in pip's cache (disks here are small).
+export PIP_NO_CACHE_DIR ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: venv install dev test test-all demo bench clean
 
 $(PY):
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$${free_kb:-0}" -lt 7000000 ]; then \
+	  echo "make: warning: only $$((free_kb / 1024)) MiB free here; the venv with torch needs about 6 GiB" >&2; fi
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 

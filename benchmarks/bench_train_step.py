@@ -161,8 +161,8 @@ def main(argv=None) -> int:
             results.append({"model": m, "variant": v, "median_ms": ms, "ratio_to_baseline": ratio, "steps": rounds})
             print(f"{m:<10} {v:<24} {ms:10.2f} {ratio:10.2f}x {rounds:6d}", flush=True)
         del trainers
-    if args.out:
-        write_results(args.out, env, results)
+        if args.out:  # after every model: a run cut short keeps what it measured
+            write_results(args.out, env, results)
     return 0
 
 

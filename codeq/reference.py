@@ -78,6 +78,27 @@ round_ste = _RoundSTE.apply
 relu_ste = _ReluSTE.apply
 
 
+class _ClampMasked(torch.autograd.Function):
+    """torch.clamp(x, lo, hi) with the gradient masked outside [lo, hi], the
+    bounds included (what torch.clamp's backward did up to torch 2.11; later
+    versions give the bounds none or half: spelled out here so that the
+    reference does not depend on the torch version).  NaN gets none."""
+
+    @staticmethod
+    def forward(ctx, x, lo: float, hi: float):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.where((x >= ctx.lo) & (x <= ctx.hi), g, torch.zeros_like(g)), None, None
+
+
+clamp_masked = _ClampMasked.apply
+
+
 def clamp_ste(x, lo, hi):
     return _ClampSTE.apply(x, lo.detach(), hi.detach())
 
@@ -258,8 +279,8 @@ class UniformSymmetric(QuantizerBase):
         Q = torch.tensor(Qf, dtype=x.dtype, device=x.device)
         zero = a == 0
         s = torch.where(zero, torch.ones_like(a), a / Q)
-        # plain clamp with number bounds: torch passes the gradient strictly inside (-Q, Q) only
-        w_hat = s * torch.clamp(round_ste(x / s), -Qf, Qf)
+        # the published code's plain torch.clamp: the gradient is masked outside [-Q, Q] (spec)
+        w_hat = s * clamp_masked(round_ste(x / s), -Qf, Qf)
         w_hat = torch.where(zero, torch.zeros_like(w_hat), w_hat)
         return w_hat.to(w.dtype)
 

@@ -89,6 +89,20 @@ def test_uniform_parity(dtype, bits, seed):
         assert levels <= 2 ** bits - 1
 
 
+def test_uniform_gradient_passes_at_the_clamp_bounds():
+    """The spec: the clamp masks the gradient outside [-Q, Q], the bounds included --
+    whatever this torch's own clamp does there (torch > 2.11 gives the bounds none).
+    With s a power of two, ((g*s)/s) == g exactly."""
+    w = torch.tensor([-4.0, -2.5, 1.0, 0.0, 4.0], dtype=torch.float64)  # 2 bits: Q = 1, s = 4
+    g = torch.tensor([0.5, -1.5, 2.0, 3.0, -0.25], dtype=torch.float64)
+    for q in (codeq.UniformSymmetric(2), R.UniformSymmetric(2)):
+        x = w.clone().requires_grad_(True)
+        y = q(x)
+        assert torch.equal(y.detach(), torch.tensor([-4.0, -4.0, 0.0, 0.0, 4.0], dtype=torch.float64)), type(q)
+        (dx,) = torch.autograd.grad(y, x, g)
+        assert torch.equal(dx, g), (type(q), dx)
+
+
 def test_uniform_all_zero_gives_zeros_and_zero_grad():
     """The one deliberate difference from the published code (which returns NaN)."""
     for q in (codeq.UniformSymmetric(4), R.UniformSymmetric(4)):

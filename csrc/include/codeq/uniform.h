@@ -1,9 +1,10 @@
 // Uniform symmetric quantizer (registry name "uniform"), shared CPU/CUDA math.
 //   a = max|w|, Q = 2^(b-1) - 1, s = a / Q,
 //   w_hat = s * clamp(round(w / s), -Q, Q)          (a == 0: zeros, zero grad)
-// Backward: round is straight-through, the clamp masks the gradient where
-// round(w/s) is not strictly inside (-Q, Q) (torch.clamp's backward); autograd
-// of the reference evaluates it as ((g*s) masked) / s.
+// Backward: round is straight-through, the clamp masks the gradient outside
+// [-Q, Q] (the spec; the bounds themselves pass it, as the published code's
+// torch.clamp did up to torch 2.11); autograd of the reference evaluates it
+// as ((g*s) masked) / s.
 #pragma once
 
 #include "codeq/common.h"
@@ -25,12 +26,11 @@ CODEQ_HD CT forward_element(CT w, CT a, CT s, CT Q) {
 template <typename CT>
 CODEQ_HD CT backward_element(CT g, CT w, CT a, CT s, CT Q) {
   if (a == CT(0)) return CT(0);
-  // torch.clamp's backward with number bounds passes the gradient only
-  // strictly inside (-Q, Q): zero at the bounds (where the max-|w| element
-  // always lands), beyond them, and for NaN.
+  // The gradient passes inside [-Q, Q], bounds included (where the max-|w|
+  // element always lands); zero beyond them and for NaN.
   const CT x = w / s;
   const CT r = round_small(clamp_nan(x, -(Q + CT(1)), Q + CT(1)));
-  const bool inside = r > -Q && r < Q;
+  const bool inside = r >= -Q && r <= Q;
   return inside ? mul_rn(g, s) / s : CT(0);
 }
 
