@@ -12,9 +12,12 @@ step) at batch 128 for each model in these variants, measured in one run:
   codeq_qat              codeq's fused quantizers
   codeq_qat_gl           ... plus codeq's fused group lasso
   codeq_qat_gl_compiled  ... with use_compile: 1
+  baseline_graph         baseline with cuda_graph: true (CUDA only)
+  codeq_qat_gl_graph     codeq_qat_gl with cuda_graph: true (CUDA only)
 
-The codeq variants run ``Trainer.train_step`` -- exactly the step the trainer
-runs -- on a model built from the same config the trainer would use.
+Every variant runs ``Trainer.step`` -- exactly the step the trainer runs --
+on a model built from the same config the trainer would use.  The default
+list is every variant the device can run.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from codeq.train.build import build_model, build_optimizer, build_scheduler  # n
 from codeq.train.config import config_from_dict  # noqa: E402
 from codeq.train.trainer import Trainer  # noqa: E402
 
-VARIANTS = ["baseline", "reference_qat", "reference_qat_gl", "codeq_qat", "codeq_qat_gl", "codeq_qat_gl_compiled"]
+VARIANTS = ["baseline", "reference_qat", "reference_qat_gl", "codeq_qat", "codeq_qat_gl", "codeq_qat_gl_compiled",
+            "baseline_graph", "codeq_qat_gl_graph"]
+CUDA_ONLY = ("baseline_graph", "codeq_qat_gl_graph")
 
 MODELS = {
     # exclude_layers and group-lasso lambdas as in the guide's example configs
@@ -66,8 +71,9 @@ def make_config(model: str, variant: str, batch: int, device: str) -> dict:
                                                         "dz": {"lr": 1e-3, "weight_decay": 2.5},
                                                         "bit": {"lr": 1e-3, "weight_decay": 0.0}}},
         "use_compile": 1 if variant.endswith("compiled") else 0,
+        "cuda_graph": variant.endswith("_graph"),
     }
-    if variant != "baseline":
+    if not variant.startswith("baseline"):
         cfg["quantizer"] = {
             "name": "_reference_deadzone" if variant.startswith("reference") else "deadzone",
             "kwargs": {"fixed_bit_val": 4, "max_bits": 8, "init_deadzone_logit": 3.0, "init_bit_logit": 3.0,
@@ -90,7 +96,7 @@ def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float,
     for tr in trainers.values():
         tr.model.train()
         for _ in range(warmup):
-            tr.train_step(x, y)
+            tr.step(x, y)
     sync(device)
     times = {v: [] for v in trainers}
     start = time.perf_counter()
@@ -99,7 +105,7 @@ def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float,
         for v, tr in trainers.items():
             for i in range(block):
                 t0 = time.perf_counter()
-                tr.train_step(x, y)
+                tr.step(x, y)
                 sync(device)
                 if block == 1 or i > 0:
                     times[v].append(time.perf_counter() - t0)
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default="mlp,resnet20,vit")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help="comma-separated (default: all that the device runs; the *_graph ones need CUDA)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--min-time", type=float, default=2.0,
                    help="seconds of timed steps per variant (default 2); variants are timed round-robin")
@@ -126,7 +133,10 @@ def main(argv=None) -> int:
         print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
         return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants is None:
+        variants = [v for v in VARIANTS if device.type == "cuda" or v not in CUDA_ONLY]
+    else:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for m in models:
         if m not in MODELS:
             print(f"error: unknown model {m!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
@@ -134,6 +144,9 @@ def main(argv=None) -> int:
     for v in variants:
         if v not in VARIANTS:
             print(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+            return 2
+        if v in CUDA_ONLY and device.type != "cuda":
+            print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
             return 2
 
     env = env_header(device)
@@ -152,7 +165,8 @@ def main(argv=None) -> int:
         img = trainers[variants[0]].cfg.img_size
         x = torch.randn(args.batch, 3, img, img, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
-        med, rounds = time_interleaved(trainers, x, y, device, 3, args.min_time * len(variants), args.min_reps, 500,
+        # warm-up: 5 steps (a cuda_graph trainer warms up for 3 and captures the 4th)
+        med, rounds = time_interleaved(trainers, x, y, device, 5, args.min_time * len(variants), args.min_reps, 500,
                                        args.block)
         base_ms = med["baseline"] * 1e3 if "baseline" in med else None
         for v in variants:

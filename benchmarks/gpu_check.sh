@@ -7,12 +7,15 @@
 # Steps, in this order (STEPS=a,b,... runs those, in the order given):
 #   build       pip install --no-build-isolation --no-deps . (ptxas register/spill
 #               report of every kernel kept in the build log)
-#   tests       the CUDA tests (tests/test_cuda.py, -m cuda)
-#   bench_train benchmarks/bench_train_step.py on cuda, eager variants, three models
+#   tests       the CUDA tests (TESTS="test_cuda.py test_cuda_graph.py", -m cuda)
+#   bench_train benchmarks/bench_train_step.py on cuda, three models, the eager and the
+#               cuda_graph variants (BENCH_VARIANTS=..., BENCH_MIN_TIME=s per variant)
 #   bench_quant benchmarks/bench_quantizer.py on cuda (µs and GB/s per size)
 #   train       run_training.py on configs/demo.yaml (synthetic data) on cuda, twice:
 #               the DataLoader path and dataset.on_device
 #   compiled    bench_train_step.py: baseline vs codeq_qat_gl_compiled (use_compile: 1)
+#   profile     benchmarks/profile_step.py --graph: launches and host time per step, and
+#               a CUDA graph of the whole step (MLP, ResNet-20)
 #   sanitizer   compute-sanitizer memcheck, racecheck, synccheck, initcheck on
 #               benchmarks/cuda_driver.py (every kernel and launch path, four dtypes)
 #   bench_data  benchmarks/bench_data.py (CIFAR_ROOT=data, or synthetic data) + a ResNet-20 step
@@ -29,6 +32,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PY:-python}
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # steps run in other folders
 DEV=${DEV:-cuda}
 STAMP=$(date +%Y%m%d-%H%M%S)
 OUT=${RESULTS:-$ROOT/benchmarks/results}
@@ -36,7 +40,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check_$STAMP.log
 REPORT=$OUT/gpu_check_$STAMP
-ALL_STEPS=build,tests,bench_train,bench_quant,train,compiled,sanitizer,bench_data,report
+ALL_STEPS=build,tests,bench_train,bench_quant,train,compiled,profile,sanitizer,bench_data,report
 STEPS=${STEPS:-$ALL_STEPS}
 BUDGET_S=${BUDGET_S:-0}
 T_START=$(date +%s)
@@ -118,14 +122,16 @@ do_tests() {
   local mark="cuda and not slow" xd=()
   [ "${SLOW:-0}" != "0" ] && mark="cuda"
   "$PY" -c "import xdist" 2>/dev/null && xd=(-n 4)
+  local tests
+  read -r -a tests <<<"${TESTS:-test_cuda.py test_cuda_graph.py}"
   step tests 300 env -C tests CODEQ_REQUIRE_EXT=1 CODEQ_CUDA_TEST_DEVICE="$DEV" \
-    "$PY" -m pytest -q -rs -p no:cacheprovider "${xd[@]}" -m "$mark" test_cuda.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider "${xd[@]}" -m "$mark" "${tests[@]}"
 }
 
 do_bench_train() {
   step bench_train 300 "$PY" benchmarks/bench_train_step.py --device "$DEV" --models mlp,resnet20,vit \
-    --variants baseline,reference_qat,reference_qat_gl,codeq_qat,codeq_qat_gl --block 10 --min-time 1 \
-    --out "$OUT/bench_train_step_${DEV}_$STAMP.json"
+    --variants "${BENCH_VARIANTS:-baseline,reference_qat,reference_qat_gl,codeq_qat,codeq_qat_gl,baseline_graph,codeq_qat_gl_graph}" \
+    --block 10 --min-time "${BENCH_MIN_TIME:-1}" --out "$OUT/bench_train_step_${DEV}_$STAMP.json"
 }
 
 do_bench_quant() {
@@ -143,6 +149,11 @@ do_compiled() {
   step compiled 400 "$PY" benchmarks/bench_train_step.py --device "$DEV" --models mlp,resnet20,vit \
     --variants baseline,codeq_qat_gl,codeq_qat_gl_compiled --block 10 --min-time 1 --min-reps 5 \
     --out "$OUT/bench_train_step_compiled_${DEV}_$STAMP.json"
+}
+
+do_profile() {
+  step profile 200 "$PY" benchmarks/profile_step.py --device "$DEV" --models mlp,resnet20 \
+    --variants baseline,codeq_qat_gl --graph --out "$OUT/profile_step_${DEV}_$STAMP.json"
 }
 
 do_sanitizer() {  # SAN_TOOLS="memcheck racecheck synccheck initcheck" (default all four)
@@ -178,7 +189,7 @@ do_report() {
 IFS=, read -r -a ORDER <<<"$STEPS"
 for name in "${ORDER[@]}"; do
   case "$name" in
-    build|tests|bench_train|bench_quant|train|compiled|sanitizer|bench_data|report) "do_$name" ;;
+    build|tests|bench_train|bench_quant|train|compiled|profile|sanitizer|bench_data|report) "do_$name" ;;
     *) say "unknown step '$name' (steps: $ALL_STEPS)"; exit 2 ;;
   esac
 done

@@ -73,6 +73,9 @@ BAD = [
     ("bad_quantizer_value", {"quantizer.kwargs.max_bits": 30}, [], ["max_bits", "30"]),
     ("missing_dataset", {"dataset": {"name": "cifar10", "root": "NOPE"}}, [],
      ["CIFAR-10 not found", "NOPE", "cifar-10-batches-py", "cifar-10-batches-bin"]),
+    ("cuda_graph_with_compile", {"cuda_graph": True, "use_compile": True}, [],
+     ["cuda_graph and use_compile cannot be combined"]),
+    ("cuda_graph_on_cpu", {"cuda_graph": True}, [], ["cuda_graph: true needs a CUDA device", "'cpu'"]),
     ("bad_set_syntax", {}, ["--set", "epochs"], ["--set expects key.sub=value"]),
     ("missing_config_file", None, [], ["config file not found"]),
 ]

@@ -404,15 +404,18 @@ def test_group_lasso_parity(dtype):
     assert loss_d.dtype == loss_c.dtype and loss_d.device.type == DEVICE
     rtol = 1e-6 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(loss_d.cpu(), loss_c, rtol=rtol, atol=0)
+    # The column sums of squares run in another order on the two devices (a block
+    # tree vs 16 lanes): a few ulps apart (a float64 norm over 576 rows was seen 2.03
+    # ulps off on an H200), so 16 ulps of the norm and of the gradient w / norm.
     for nd, nc in zip(norms_d, norms_c):
         assert nd.dtype == nc.dtype and nd.shape == nc.shape
-        torch.testing.assert_close(nd.cpu(), nc, rtol=2 * EPS[nd.dtype], atol=0)
+        torch.testing.assert_close(nd.cpu(), nc, rtol=16 * EPS[nd.dtype], atol=0)
     g = torch.tensor(1.5, dtype=loss_d.dtype)
     gd = OPS.group_lasso_backward(g.to(DEVICE), ws_ops, norms_d, lams_ops)
     gc = OPS.group_lasso_backward(g, [w.cpu() for w in ws_ops], norms_c, lams_ops)
     for a, b in zip(gd, gc):
         assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a.cpu(), b, rtol=4 * EPS[a.dtype], atol=0)
+        torch.testing.assert_close(a.cpu(), b, rtol=16 * EPS[a.dtype], atol=0)
     # vs the reference, through autograd
     xs = [w.clone().requires_grad_(True) for w in ws]
     xr = [w.clone().requires_grad_(True) for w in ws]
@@ -438,7 +441,7 @@ def test_group_lasso_many_layers_and_mixed_dtypes():
     gd = OPS.group_lasso_backward(g.to(DEVICE), ws, norms_d, lams)
     gc = OPS.group_lasso_backward(g, [w.cpu() for w in ws], norms_c, lams)
     for a, b in zip(gd, gc):
-        torch.testing.assert_close(a.cpu(), b, rtol=4 * EPS[a.dtype], atol=0)
+        torch.testing.assert_close(a.cpu(), b, rtol=16 * EPS[a.dtype], atol=0)
 
 
 def test_group_lasso_deterministic():

@@ -338,7 +338,17 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
     extra = {}
-    if _wants_fused(cls, groups):
+    if cfg.cuda_graph:
+        # One CUDA graph replays the whole step (codeq/train/graph.py): the fused
+        # step kernels, with Adam's step counters on the device (capturable).
+        if not (isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)):
+            raise ConfigError(f"cuda_graph needs a torch Adam, AdamW or SGD optimizer; "
+                              f"'{cfg.optimizer.type}' is {cls!r}; set cuda_graph: false")
+        if not any(k in g for g in groups for k in ("fused", "foreach")):
+            extra["fused"] = True
+        if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
+            extra["capturable"] = True
+    elif _wants_fused(cls, groups):
         # One fused kernel for all parameters instead of a Python loop per tensor:
         # QAT adds two scalar logits per layer, which the per-tensor loop pays for;
         # and torch's per-group Python trimmed (codeq/train/optim.py).

@@ -45,6 +45,7 @@ DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
 WANDB_MODES = ("online", "offline", "disabled")
 AUGMENT_CHOICES = ("standard", "randaugment", "none")
 ON_DEVICE_DATASETS = ("cifar10", "synthetic")
+GRAPH_OPTIMIZERS = ("adam", "adamw", "sgd")  # cuda_graph: fused optimizer steps that capture
 PARAM_GROUP_NAMES = ("base", "dz", "bit")
 
 
@@ -116,6 +117,7 @@ class Config:
     workers: int = 4
     use_compile: bool = False
     fused_weights: bool = True  # eager mode: all quantized weights (+ group lasso) in one fused call (codeq.fastpath)
+    cuda_graph: bool = False  # CUDA: replay each training step as one CUDA graph (codeq.train.graph)
     save_dir: str = "save_temp"
     run_name: str | None = None
     lr_scheduler: str = "cosine"
@@ -147,6 +149,7 @@ _TOP_KEYS = {
     "workers": ("int", 4),
     "use_compile": ("bool", False),
     "fused_weights": ("bool", True),
+    "cuda_graph": ("bool", False),
     "save_dir": ("str", "save_temp"),
     "run_name": ("str?", None),
     "lr_scheduler": ("str", "cosine"),
@@ -382,6 +385,13 @@ def config_from_dict(d: dict) -> Config:
 
     o = _fill("optimizer", top["optimizer"], _OPT_KEYS)
     _choice("optimizer.type", o["type"], OPTIMIZER_REGISTRY, "optimizer")
+    if top["cuda_graph"]:
+        if top["use_compile"]:
+            raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its own "
+                              "way); set one of them to false")
+        if o["type"] not in GRAPH_OPTIMIZERS:
+            raise ConfigError(f"cuda_graph works with the optimizers {', '.join(GRAPH_OPTIMIZERS)} (their fused, "
+                              f"capturable CUDA steps), not '{o['type']}'; set cuda_graph: false")
     opt_cls = OPTIMIZER_REGISTRY[o["type"]]
     groups = o["param_groups"]
     _check_keys("optimizer.param_groups", groups, PARAM_GROUP_NAMES)
@@ -431,6 +441,7 @@ def config_from_dict(d: dict) -> Config:
         workers=top["workers"],
         use_compile=top["use_compile"],
         fused_weights=top["fused_weights"],
+        cuda_graph=top["cuda_graph"],
         save_dir=top["save_dir"],
         run_name=top["run_name"],
         lr_scheduler=top["lr_scheduler"],
@@ -472,6 +483,7 @@ def config_to_dict(cfg: Config) -> dict:
         "workers": cfg.workers,
         "use_compile": bool(cfg.use_compile),
         "fused_weights": bool(cfg.fused_weights),
+        "cuda_graph": bool(cfg.cuda_graph),
         "save_dir": cfg.save_dir,
         "run_name": cfg.run_name,
         "lr_scheduler": cfg.lr_scheduler,

@@ -111,6 +111,18 @@ class Trainer:
             gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
             self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
             self.fast_term = gl_index
+        # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
+        self.graph = None
+        if cfg.cuda_graph:
+            if device.type != "cuda":
+                raise ConfigError(f"cuda_graph: true needs a CUDA device, but the device is '{device}'; "
+                                  "set cuda_graph: false (or --set cuda_graph=false)")
+            if self.dist.enabled:
+                raise ConfigError("cuda_graph does not work with distributed (DDP) training yet; "
+                                  "set cuda_graph: false")
+            from codeq.train.graph import GraphStep
+
+            self.graph = GraphStep(self)
 
     @classmethod
     def from_config(cls, cfg: Config, device: torch.device | str | None = None,
@@ -162,6 +174,13 @@ class Trainer:
                 loss = loss + lam * term
         return loss, ce, logits
 
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        """The training step the epoch loop runs: :meth:`train_step`, replayed as a
+        CUDA graph under ``cuda_graph: true``.  (loss, CE, n correct) on the device."""
+        if self.graph is not None:
+            return self.graph.step(x, y)
+        return self.train_step(x, y)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor):
         """One optimisation step; returns (loss, CE, n correct) as device tensors."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -183,6 +202,8 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # the data order: (seed, epoch), the same on all ranks
         self.generator.manual_seed(epoch_seed(cfg.seed + rank, epoch))
+        if self.graph is not None:
+            self.graph.reset()  # captured anew with this epoch's learning rates
         dev = self.device
         acc = torch.zeros(3, dtype=torch.float64, device=dev)
         n = 0
@@ -193,7 +214,7 @@ class Trainer:
             maybe_test_crash(rank, epoch, step)
             x = x.to(dev, non_blocking=True)
             y = y.to(dev, non_blocking=True)
-            loss, ce, correct = self.train_step(x, y)
+            loss, ce, correct = self.step(x, y)
             bs = y.shape[0]
             acc += torch.stack([loss.double() * bs, ce.double() * bs, correct.double()])
             n += bs

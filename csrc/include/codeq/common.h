@@ -53,13 +53,14 @@ CODEQ_HD T clamp_nan(T x, T lo, T hi) {
 // trick, which vectorises with plain SSE2/NEON (std::nearbyint would be a libm
 // call per element); it is exact in round-to-nearest mode because the sum is
 // rounded once to an integer.  Callers only use it on values already clamped
-// to the quantizer range [-Q, Q] (Q <= 2^15), where it equals torch.round.
+// to the quantizer range [-Q, Q] (Q <= 2^15), where it equals torch.round
+// (the sign of a zero included: the sum alone would turn -0.3 into +0).
 CODEQ_HD float round_small(float x) {
 #ifdef __CUDA_ARCH__
   return rintf(x);
 #else
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  return (x + magic) - magic;
+  return copysignf((x + magic) - magic, x);  // -0.3 -> -0, as rintf and torch.round
 #endif
 }
 CODEQ_HD double round_small(double x) {
@@ -67,7 +68,7 @@ CODEQ_HD double round_small(double x) {
   return rint(x);
 #else
   const double magic = 6755399441055744.0;  // 1.5 * 2^52
-  return (x + magic) - magic;
+  return copysign((x + magic) - magic, x);
 #endif
 }
 
