@@ -49,6 +49,21 @@ def test_bench_train_step_writes_json(tmp_path, bench_path):
     assert rows[0]["ratio_to_baseline"] == 1.0
     assert all(r["median_ms"] > 0 for r in rows)
     assert bench_train_step.main(["--models", "resnet99"]) == 2
+    assert bench_train_step.main(["--device", "cpu", "--variants", "baseline,codeq_qat_gl_graph"]) == 2  # CUDA only
+
+
+def test_profile_step_writes_json(tmp_path, bench_path, capsys):
+    import profile_step
+
+    out = tmp_path / "p.json"
+    assert profile_step.main(["--device", "cpu", "--models", "mlp", "--variants", "baseline,codeq_qat_gl",
+                              "--batch", "8", "--steps", "3", "--top", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["variant"]) for r in rows] == [("mlp", "baseline"), ("mlp", "codeq_qat_gl")]
+    assert all(r["mean_ms"] > 0 and len(r["top_ops"]) == 4 for r in rows)
+    # the baseline step runs no codeq op
+    assert not any("deadzone" in o["op"] for o in rows[0]["top_ops"])
+    assert profile_step.main(["--variants", "codeq_qat_gl_compiled"]) == 2
 
 
 def test_bench_data_writes_json(tmp_path, bench_path, capsys):

@@ -207,3 +207,28 @@ def test_exponent_floats_in_yaml_are_numbers(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(text)
     assert load_config(str(p)).optimizer.base.lr == 0.001
+
+
+def test_cuda_graph_refuses_other_optimizer_classes(tmp_path, monkeypatch):
+    """A registry entry under a graph-capable name that is not torch's Adam/AdamW/SGD."""
+    from codeq.train import build
+
+    monkeypatch.setitem(build.OPTIMIZER_REGISTRY, "sgd", torch.optim.RMSprop)
+    d = base_dict(tmp_path)
+    d["optimizer"] = {"type": "sgd", "param_groups": {"base": {"lr": 0.01}}}
+    d["cuda_graph"] = True
+    cfg = config_from_dict(d)
+    with pytest.raises(ConfigError, match="cuda_graph needs a torch Adam, AdamW or SGD"):
+        build.build_optimizer(cfg, build.build_model(cfg))
+
+
+def test_cuda_graph_builds_a_fused_capturable_adamw(tmp_path):
+    from codeq.train import build
+
+    d = base_dict(tmp_path)
+    d["cuda_graph"] = True
+    cfg = config_from_dict(d)
+    assert config_to_dict(cfg)["cuda_graph"] is True
+    opt = build.build_optimizer(cfg, build.build_model(cfg))
+    assert type(opt) is torch.optim.AdamW  # torch's own step (capturable), not the lean one
+    assert opt.defaults["fused"] is True and opt.defaults["capturable"] is True
