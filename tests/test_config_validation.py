@@ -232,3 +232,27 @@ def test_cuda_graph_builds_a_fused_capturable_adamw(tmp_path):
     opt = build.build_optimizer(cfg, build.build_model(cfg))
     assert type(opt) is torch.optim.AdamW  # torch's own step (capturable), not the lean one
     assert opt.defaults["fused"] is True and opt.defaults["capturable"] is True
+
+
+def test_cuda_graph_auto_is_off_where_graphs_cannot_run(tmp_path, capsys):
+    """auto: on for one process on CUDA with a capturable optimizer; here (CPU, or with
+    use_compile) it is off without a word, and the eager optimizer is the lean fused one."""
+    from codeq.train import build
+    from codeq.train.trainer import Trainer
+
+    d = base_dict(tmp_path / "runs")
+    d["cuda_graph"] = "auto"
+    cfg = config_from_dict(d)
+    assert cfg.cuda_graph == "auto" and config_to_dict(cfg)["cuda_graph"] == "auto"
+    tr = Trainer.from_config(cfg, "cpu")
+    assert tr.graph is None
+    assert type(tr.optimizer).__module__ == "codeq.train.optim"  # not a capturable one
+    d["use_compile"] = True
+    assert config_from_dict(d).cuda_graph == "auto"  # no error: auto just stays off
+    assert not build.graph_capable(config_from_dict(d))
+    p = tmp_path / "c.yaml"
+    d["use_compile"] = False
+    p.write_text(yaml.safe_dump(d))
+    assert main(["--config", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "model mlp on cpu" in out and "CUDA graphs" not in out

@@ -106,3 +106,9 @@ def test_cli_graph_run_resumes_eagerly(tmp_path, capsys):
     assert load_checkpoint(ckpt)["config"]["cuda_graph"] is True
     err = capsys.readouterr().err
     assert "could not be captured" not in err and "Traceback" not in err, err
+
+
+def test_auto_turns_graphs_on_for_cuda(tmp_path):
+    tr = Trainer.from_config(_config(tmp_path, "mlp", "auto", epochs=1))
+    assert tr.graph is not None
+    assert tr.optimizer.defaults["fused"] is True and tr.optimizer.defaults["capturable"] is True

@@ -338,12 +338,13 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if not groups:
         raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
     extra = {}
-    if cfg.cuda_graph:
+    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
+    if cfg.cuda_graph is True or (cfg.cuda_graph == "auto" and on_cuda and graph_capable(cfg, cls)):
         # One CUDA graph replays the whole step (codeq/train/graph.py): the fused
         # step kernels, with Adam's step counters on the device (capturable).
-        if not (isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)):
+        if not graph_capable(cfg, cls):
             raise ConfigError(f"cuda_graph needs a torch Adam, AdamW or SGD optimizer; "
-                              f"'{cfg.optimizer.type}' is {cls!r}; set cuda_graph: false")
+                              f"'{cfg.optimizer.type}' is {cls!r}; set cuda_graph: auto or false")
         if not any(k in g for g in groups for k in ("fused", "foreach")):
             extra["fused"] = True
         if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
@@ -361,6 +362,13 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def graph_capable(cfg: Config, cls=None) -> bool:
+    """Whether this config's optimizer and mode allow ``cuda_graph`` (torch's Adam,
+    AdamW or SGD, whose fused steps capture; not under ``use_compile``)."""
+    cls = OPTIMIZER_REGISTRY.get(cfg.optimizer.type) if cls is None else cls
+    return (not cfg.use_compile) and isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)
 
 
 def _wants_fused(cls, groups) -> bool:

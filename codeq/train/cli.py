@@ -137,6 +137,7 @@ def _main(argv, ctx_out: list) -> int:
             f"model {cfg.model} on {trainer.device}, {n_q} quantized layer(s)"
             + (f" ({cfg.quantizer.name})" if cfg.quantizer else "")
             + f", epochs {trainer.start_epoch + 1}..{cfg.epochs}"
+            + (", steps replayed as CUDA graphs" if trainer.graph is not None else "")
             + dist_line,
             flush=True,
         )

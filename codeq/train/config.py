@@ -117,7 +117,7 @@ class Config:
     workers: int = 4
     use_compile: bool = False
     fused_weights: bool = True  # eager mode: all quantized weights (+ group lasso) in one fused call (codeq.fastpath)
-    cuda_graph: bool = False  # CUDA: replay each training step as one CUDA graph (codeq.train.graph)
+    cuda_graph: Any = False  # "auto", True or False: replay each training step as one CUDA graph (codeq.train.graph)
     save_dir: str = "save_temp"
     run_name: str | None = None
     lr_scheduler: str = "cosine"
@@ -149,7 +149,7 @@ _TOP_KEYS = {
     "workers": ("int", 4),
     "use_compile": ("bool", False),
     "fused_weights": ("bool", True),
-    "cuda_graph": ("bool", False),
+    "cuda_graph": ("autobool", False),
     "save_dir": ("str", "save_temp"),
     "run_name": ("str?", None),
     "lr_scheduler": ("str", "cosine"),
@@ -385,13 +385,13 @@ def config_from_dict(d: dict) -> Config:
 
     o = _fill("optimizer", top["optimizer"], _OPT_KEYS)
     _choice("optimizer.type", o["type"], OPTIMIZER_REGISTRY, "optimizer")
-    if top["cuda_graph"]:
+    if top["cuda_graph"] is True:  # "auto" turns itself off where graphs cannot run
         if top["use_compile"]:
             raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its own "
                               "way); set one of them to false")
         if o["type"] not in GRAPH_OPTIMIZERS:
             raise ConfigError(f"cuda_graph works with the optimizers {', '.join(GRAPH_OPTIMIZERS)} (their fused, "
-                              f"capturable CUDA steps), not '{o['type']}'; set cuda_graph: false")
+                              f"capturable CUDA steps), not '{o['type']}'; set cuda_graph: auto or false")
     opt_cls = OPTIMIZER_REGISTRY[o["type"]]
     groups = o["param_groups"]
     _check_keys("optimizer.param_groups", groups, PARAM_GROUP_NAMES)
@@ -483,7 +483,7 @@ def config_to_dict(cfg: Config) -> dict:
         "workers": cfg.workers,
         "use_compile": bool(cfg.use_compile),
         "fused_weights": bool(cfg.fused_weights),
-        "cuda_graph": bool(cfg.cuda_graph),
+        "cuda_graph": cfg.cuda_graph,
         "save_dir": cfg.save_dir,
         "run_name": cfg.run_name,
         "lr_scheduler": cfg.lr_scheduler,

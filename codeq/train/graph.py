@@ -1,4 +1,5 @@
-"""``cuda_graph: true``: the whole training step replayed as one CUDA graph.
+"""``cuda_graph: true`` (or ``auto`` on a CUDA device): the whole training step
+replayed as one CUDA graph.
 
 A small model's step is bound by the host: Python, autograd and a few hundred
 kernel launches cost more than the kernels themselves (on an H200, an MLP step

@@ -113,13 +113,17 @@ class Trainer:
             self.fast_term = gl_index
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
-        if cfg.cuda_graph:
+        if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer
+            use_graph = device.type == "cuda" and not self.dist.enabled and build.graph_capable(cfg)
+        else:
+            use_graph = bool(cfg.cuda_graph)
+        if use_graph:
             if device.type != "cuda":
                 raise ConfigError(f"cuda_graph: true needs a CUDA device, but the device is '{device}'; "
-                                  "set cuda_graph: false (or --set cuda_graph=false)")
+                                  "set cuda_graph: auto or false (or --set cuda_graph=auto)")
             if self.dist.enabled:
                 raise ConfigError("cuda_graph does not work with distributed (DDP) training yet; "
-                                  "set cuda_graph: false")
+                                  "set cuda_graph: auto or false")
             from codeq.train.graph import GraphStep
 
             self.graph = GraphStep(self)
