@@ -86,6 +86,35 @@ def make_config(model: str, variant: str, batch: int, device: str) -> dict:
     return cfg
 
 
+def make_trainer(model: str, variant: str, batch: int, device: torch.device) -> Trainer:
+    """The trainer of one variant, built as the trainer's own from_config would (seed 0)."""
+    torch.manual_seed(0)
+    cfg = config_from_dict(make_config(model, variant, batch, str(device)))
+    net = build_model(cfg).to(device)
+    opt = build_optimizer(cfg, net)
+    return Trainer(cfg, device, net, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
+
+
+def parse_selection(device: torch.device, models: str, variants: str | None, allowed=VARIANTS):
+    """(models, variants) from the comma-separated options, or the error line to print."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but no CUDA GPU is visible; use --device cpu"
+    ms = [m.strip() for m in models.split(",") if m.strip()]
+    if variants is None:
+        vs = [v for v in allowed if device.type == "cuda" or v not in CUDA_ONLY]
+    else:
+        vs = [v.strip() for v in variants.split(",") if v.strip()]
+    for m in ms:
+        if m not in MODELS:
+            return f"unknown model {m!r}; choose from {', '.join(MODELS)}"
+    for v in vs:
+        if v not in allowed:
+            return f"unknown variant {v!r}; choose from {', '.join(allowed)}"
+        if v in CUDA_ONLY and device.type != "cuda":
+            return f"variant {v!r} needs --device cuda"
+    return ms, vs
+
+
 def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float, min_reps: int, max_reps: int,
                      block: int = 1):
     """Median step time (s) of every variant, measured round-robin: each round
@@ -129,25 +158,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+    sel = parse_selection(device, args.models, args.variants)
+    if isinstance(sel, str):
+        print(f"error: {sel}", file=sys.stderr)
         return 2
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.variants is None:
-        variants = [v for v in VARIANTS if device.type == "cuda" or v not in CUDA_ONLY]
-    else:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for m in models:
-        if m not in MODELS:
-            print(f"error: unknown model {m!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
-            return 2
-    for v in variants:
-        if v not in VARIANTS:
-            print(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
-            return 2
-        if v in CUDA_ONLY and device.type != "cuda":
-            print(f"error: variant {v!r} needs --device cuda", file=sys.stderr)
-            return 2
+    models, variants = sel
 
     env = env_header(device)
     print_env("codeq training-step benchmark (median ms per step: forward, loss terms, backward, optimizer step)", env)
@@ -155,13 +170,7 @@ def main(argv=None) -> int:
     print(f"{'model':<10} {'variant':<24} {'median ms':>10} {'x baseline':>11} {'steps':>6}")
     results = []
     for m in models:
-        trainers = {}
-        for v in variants:
-            torch.manual_seed(0)
-            cfg = config_from_dict(make_config(m, v, args.batch, args.device))
-            model = build_model(cfg).to(device)
-            opt = build_optimizer(cfg, model)
-            trainers[v] = Trainer(cfg, device, model, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
+        trainers = {v: make_trainer(m, v, args.batch, device) for v in variants}
         img = trainers[variants[0]].cfg.img_size
         x = torch.randn(args.batch, 3, img, img, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)

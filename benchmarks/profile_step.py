@@ -28,21 +28,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quantizer import env_header, print_env, sync, write_results  # noqa: E402
-from bench_train_step import MODELS, VARIANTS, make_config  # noqa: E402
+from bench_train_step import CUDA_ONLY, VARIANTS, make_trainer, parse_selection  # noqa: E402
 
-from codeq.train.build import build_model, build_optimizer, build_scheduler  # noqa: E402
-from codeq.train.config import config_from_dict  # noqa: E402
 from codeq.train.trainer import Trainer  # noqa: E402
 
 LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
-def make_trainer(model: str, variant: str, batch: int, device: torch.device) -> Trainer:
-    torch.manual_seed(0)
-    cfg = config_from_dict(make_config(model, variant, batch, str(device)))
-    net = build_model(cfg).to(device)
-    opt = build_optimizer(cfg, net)
-    return Trainer(cfg, device, net, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
 
 
 def mean_step_ms(fn, device, steps: int) -> float:
@@ -113,20 +103,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+    # eager steps only: --graph captures them itself
+    eager = [v for v in VARIANTS if not v.endswith("compiled") and v not in CUDA_ONLY]
+    sel = parse_selection(device, args.models, args.variants, allowed=eager)
+    if isinstance(sel, str):
+        print(f"error: {sel}", file=sys.stderr)
         return 2
-    models = [m for m in args.models.split(",") if m]
-    variants = [v for v in args.variants.split(",") if v]
-    for m in models:
-        if m not in MODELS:
-            print(f"error: unknown model {m!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
-            return 2
-    for v in variants:
-        if v not in VARIANTS or v.endswith("compiled"):
-            print(f"error: unknown or unsupported variant {v!r}; choose from "
-                  f"{', '.join(x for x in VARIANTS if not x.endswith('compiled'))}", file=sys.stderr)
-            return 2
+    models, variants = sel
     env = env_header(device)
     print_env("codeq step profile (mean ms per step over a run of steps, launches and host time per step)", env)
     results = []
