@@ -180,7 +180,8 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
         """The training step the epoch loop runs: :meth:`train_step`, replayed as a
-        CUDA graph under ``cuda_graph: true``.  (loss, CE, n correct) on the device."""
+        CUDA graph when ``cuda_graph`` is on (codeq/train/graph.py).  (loss, CE,
+        n correct) on the device."""
         if self.graph is not None:
             return self.graph.step(x, y)
         return self.train_step(x, y)
