@@ -85,3 +85,24 @@ def test_bench_data_bad_input(bench_path, tmp_path, capsys):
 
     assert bench_data.main(["--device", "cpu", "--root", str(tmp_path / "nothing"), "--batches", "1"]) == 2
     assert capsys.readouterr().err.strip().startswith("error:")
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """gpu_check.sh's plumbing (step order, budget, report, packing) without a GPU:
+    DEV=cpu runs its steps on the CPU kernels."""
+    import subprocess
+    import tarfile
+
+    script = os.path.join(BENCH, "gpu_check.sh")
+    env = dict(os.environ, DEV="cpu", PY=sys.executable, RESULTS=str(tmp_path / "res"),
+               PACK=str(tmp_path / "pack.tgz"), STEPS="train", BUDGET_S="300")
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "train: passed" in r.stdout
+    names = tarfile.open(tmp_path / "pack.tgz").getnames()
+    assert any(n.endswith(".md") for n in names) and any(n.endswith(".log") for n in names), names
+    report = next((tmp_path / "res").glob("gpu_check_*.md")).read_text()
+    assert "train=passed" in report
+    env["STEPS"] = "nonsense,train"  # refused before any step runs
+    r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "unknown step 'nonsense'" in r.stdout
