@@ -112,3 +112,14 @@ def test_auto_turns_graphs_on_for_cuda(tmp_path):
     tr = Trainer.from_config(_config(tmp_path, "mlp", "auto", epochs=1))
     assert tr.graph is not None
     assert tr.optimizer.defaults["fused"] is True and tr.optimizer.defaults["capturable"] is True
+
+
+def test_graph_capture_beside_pin_memory_workers(tmp_path, capsys):
+    """DataLoader workers with pinned memory (the pin-memory thread makes CUDA calls
+    while the step is captured): the capture holds, and the run ends normally."""
+    d = tiny(tmp_path, "resnet20", epochs=2, device="cuda", cuda_graph=True, batch_size=BATCH, workers=2,
+             dataset={"name": "synthetic", "train_size": BATCH * 40 + PARTIAL, "val_size": 64})
+    assert main(["--config", write(tmp_path, d)]) == 0
+    out, err = capsys.readouterr()
+    assert "steps replayed as CUDA graphs" in out
+    assert "could not be captured" not in err and "Traceback" not in err, err

@@ -25,8 +25,9 @@ counters live on the device), so eager and replayed steps share one optimizer
 state.  Every step, eager or replayed, is one real training step on its batch:
 the warm-up trains too, nothing is run twice.
 
-If the capture fails (some layer synchronises with the host, say), a warning
-says why and the run goes on eagerly.
+The capture runs in "thread_local" mode, so that other threads (the DataLoader's
+pin-memory thread) may use CUDA meanwhile.  If the capture fails (some layer
+synchronises with the host, say), a warning says why and the run goes on eagerly.
 """
 
 from __future__ import annotations
@@ -93,7 +94,11 @@ class GraphStep:
         graph = torch.cuda.CUDAGraph()
         tr.optimizer.zero_grad(set_to_none=True)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: only this thread is held to the capture's rules.  Under the
+            # default "global" mode a CUDA call of any other thread -- the DataLoader's
+            # pin-memory thread allocating pinned memory, say -- breaks the capture and
+            # poisons that thread too.  A host sync in the step itself still fails it.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.static_out = tr.train_step(*self.static_in)
         except Exception as exc:  # noqa: BLE001 -- any failure: say why, train on eagerly
             first = str(exc).splitlines()[0] if str(exc) else ""
