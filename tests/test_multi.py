@@ -106,6 +106,44 @@ def test_fused_backward_same_bits_for_1_and_2_threads(seed):
             assert torch.equal(a, b)
 
 
+def test_fused_cpu_large_layers_equal_unfused_for_1_and_2_threads(seed):
+    """Layers big enough for the fused CPU kernels' parallel paths: the column
+    sums reduced in parallel over column blocks (120 x 3072, the CIFAR MLP's
+    first layer), rows grouped for the quantize pass (cols < 4096), and the
+    backward's flat loop for rows that are not a multiple of 16 long, over
+    two reduction chunks of which the second starts mid-row (100 x 700).  The
+    same bits as the composed ops, with 1 and with 2 threads."""
+    ws, dzs, bits, (fixed, lo, hi, learn, lam) = make_layers(
+        torch.float32, [((120, 3072), 1e-4), ((84, 120), 1e-4), ((100, 700), 1e-3)])
+    ws = [w.detach() for w in ws]
+    dzs, bits = [d.detach() for d in dzs], [b.detach() for b in bits]
+    grads = [torch.randn_like(w) for w in ws]
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fwd = ops.deadzone_forward_multi(ws, dzs, bits, fixed, lo, hi, learn, lam)
+            composed = ops.deadzone_forward_multi_unfused(ws, dzs, bits, fixed, lo, hi, learn, lam)
+            for part_f, part_u in zip(fwd[:3], composed[:3]):
+                for a, b in zip(part_f, part_u):
+                    assert torch.equal(a, b), f"threads={threads} seed={seed}"
+            assert torch.equal(fwd[3], composed[3]), f"threads={threads} seed={seed}"
+            w_hat, scalars, norms, gl = fwd
+            args = (grads, torch.tensor(0.9), ws, w_hat, scalars, norms, dzs, bits, lo, hi, learn, lam)
+            fused = ops.deadzone_backward_multi(*args)
+            unfused = ops.deadzone_backward_multi_unfused(*args)
+            for part_f, part_u in zip(fused, unfused):
+                for a, b in zip(part_f, part_u):
+                    assert torch.equal(a, b), f"threads={threads} seed={seed}"
+            results.append((fwd, fused))
+    finally:
+        torch.set_num_threads(old)
+    (f1, b1), (f2, b2) = results
+    for x, y in zip([*f1[0], *f1[2], f1[3], *b1[0], *b1[1], *b1[2]], [*f2[0], *f2[2], f2[3], *b2[0], *b2[1], *b2[2]]):
+        assert torch.equal(x, y), f"seed={seed}"
+
+
 def test_no_group_lasso_gives_zero_term():
     ws, dzs, bits, cfg = make_layers(torch.float32, [((6, 8), 0.0), ((5,), 0.0)])
     outs = DeadZoneMultiFunction.apply(tuple(cfg), *ws, *dzs, *bits)

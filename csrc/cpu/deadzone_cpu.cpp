@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -31,15 +32,34 @@ CODEQ_CPU_CLONES void forward_loop(const scalar_t* __restrict w, scalar_t* __res
   }
 }
 
-// One row of forward_loop, then its squares added to acc[0..cols) (the
-// group-lasso column sums; codeq/group_lasso.h).
+// Rows [0, nrows) of a [*, cols] weight through forward_loop as one
+// contiguous range (short rows would each end in a scalar tail), then each
+// row's squares added to acc[0..cols) in row order (the group-lasso column
+// sums; codeq/group_lasso.h).
 template <typename scalar_t, typename CT>
-CODEQ_CPU_CLONES void forward_row_squares(const scalar_t* __restrict w, scalar_t* __restrict out,
-                                          double* __restrict acc, int64_t cols, CT s, CT delta, CT Q) {
-  for (int64_t i = 0; i < cols; ++i) {
+CODEQ_CPU_CLONES void forward_rows_squares(const scalar_t* __restrict w, scalar_t* __restrict out,
+                                           double* __restrict acc, int64_t nrows, int64_t cols, CT s, CT delta,
+                                           CT Q) {
+  const int64_t n = nrows * cols;
+  for (int64_t i = 0; i < n; ++i) {
     out[i] = static_cast<scalar_t>(dz::forward_element<CT>(static_cast<CT>(w[i]), s, delta, Q));
   }
-  gl::add_squares<scalar_t, CT>(out, acc, cols);
+  for (int64_t r = 0; r < nrows; ++r) gl::add_squares<scalar_t, CT>(out + r * cols, acc, cols);
+}
+
+// Rows per forward_rows_squares call: about 4096 elements (the rows stay in
+// L1 for their squares), at least one row.
+inline int64_t rows_per_group(int64_t cols) { return cols >= 4096 ? 1 : 4096 / cols; }
+
+// acc[0..width) = the sum over blk = 0..nblocks-1, in that order, of
+// part[blk * stride + j] (the fused forward's group-lasso column sums).
+CODEQ_CPU_CLONES void sum_blocks(const double* __restrict part, int64_t stride, int64_t nblocks,
+                                 double* __restrict acc, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) acc[j] = 0.0;
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const double* p = part + blk * stride;
+    for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
+  }
 }
 
 // The backward's reductions G_s and G_delta: kLanes independent double
@@ -143,6 +163,31 @@ CODEQ_CPU_CLONES void backward_loop_gl(const scalar_t* __restrict g, const scala
   acc.finish(sum_s, sum_d);
 }
 
+// backward_loop_gl for rows whose length is not a multiple of kLanes (each
+// row would end in a scalar tail): the column scales expanded to one per
+// element of [b, e) (sc[i - b]), one flat loop, the lanes and order of
+// backward_loop -- the same bits.
+template <typename scalar_t, typename CT>
+CODEQ_CPU_CLONES void backward_loop_gl_flat(const scalar_t* __restrict g, const scalar_t* __restrict w,
+                                            const CT* __restrict sc, scalar_t* __restrict out, int64_t b, int64_t e,
+                                            CT s, CT delta, CT Q, double* sum_s, double* sum_d) {
+  LaneSums<CT> acc;
+  int64_t i = b;
+  for (; i + kLanes <= e; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const auto t = gl_element<scalar_t, CT>(g[i + j], w[i + j], sc[i + j - b], s, delta, Q);
+      out[i + j] = static_cast<scalar_t>(t.grad_w);
+      acc.add(j, t);
+    }
+  }
+  for (int j = 0; i < e; ++i, ++j) {
+    const auto t = gl_element<scalar_t, CT>(g[i], w[i], sc[i - b], s, delta, Q);
+    out[i] = static_cast<scalar_t>(t.grad_w);
+    acc.add(j, t);
+  }
+  acc.finish(sum_s, sum_d);
+}
+
 at::Tensor abs_quantile_cpu(const at::Tensor& x, double q) {
   check_float_tensor(x, "abs_quantile", "x");
   TORCH_CHECK(x.numel() > 0, "codeq.abs_quantile: got an empty tensor");
@@ -157,8 +202,12 @@ at::Tensor abs_quantile_cpu(const at::Tensor& x, double q) {
   return out;
 }
 
+// A logit's value: read in place (no dispatched item() call, ~1 us each, 2
+// per layer per pass) when it is a CPU tensor of the type asked for.
 template <typename TH>
 TH logit_value(const at::Tensor& t) {
+  if (t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == c10::CppTypeToScalarType<TH>::value)
+    return *t.const_data_ptr<TH>();
   return t.item<TH>();
 }
 
@@ -197,26 +246,32 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_impl(const at::Tensor& w, co
       // their squares per column from zero; the blocks are added in order below.
       const int64_t rows = wc.size(0), cols = n / rows;
       const int64_t rb = gl::row_block(cols), nblocks = (rows + rb - 1) / rb;
-      std::vector<double> part(static_cast<size_t>(nblocks * cols), 0.0);
+      std::unique_ptr<double[]> part(new double[static_cast<size_t>(nblocks * cols)]);  // zeroed per task
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
-          double* acc = part.data() + blk * cols;
-          for (int64_t r = blk * rb; r < std::min(rows, (blk + 1) * rb); ++r)
-            forward_row_squares<scalar_t, CT>(wp + r * cols, op + r * cols, acc, cols, s, delta, Q);
+          double* acc = part.get() + blk * cols;
+          std::fill(acc, acc + cols, 0.0);
+          const int64_t r_end = std::min(rows, (blk + 1) * rb), rg = rows_per_group(cols);
+          for (int64_t r = blk * rb; r < r_end; r += rg)
+            forward_rows_squares<scalar_t, CT>(wp + r * cols, op + r * cols, acc, std::min(rg, r_end - r), cols, s,
+                                               delta, Q);
         }
       });
+      // The blocks added in order per column, and the norms, in parallel over
+      // the column blocks (each one task of group_lasso_forward's order).
       *norms = at::empty({cols}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
       CT* np = norms->mutable_data_ptr<CT>();
-      std::vector<double> acc(static_cast<size_t>(gl::kColBlock));
-      for (int64_t c0 = 0; c0 < cols; c0 += gl::kColBlock) {
-        const int64_t width = std::min(cols, c0 + gl::kColBlock) - c0;
-        std::fill(acc.begin(), acc.begin() + width, 0.0);
-        for (int64_t blk = 0; blk < nblocks; ++blk) {
-          const double* p = part.data() + blk * cols + c0;
-          for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
+      const int64_t ncb = (cols + gl::kColBlock - 1) / gl::kColBlock;
+      std::vector<double> cb_sums(static_cast<size_t>(ncb));
+      at::parallel_for(0, ncb, ncb * nblocks * gl::kColBlock < kGrain ? ncb : 1, [&](int64_t cb0, int64_t cb1) {
+        double acc[gl::kColBlock];
+        for (int64_t cb = cb0; cb < cb1; ++cb) {
+          const int64_t c0 = cb * gl::kColBlock, width = std::min(cols, c0 + gl::kColBlock) - c0;
+          sum_blocks(part.get() + c0, cols, nblocks, acc, width);
+          cb_sums[cb] = gl::block_norms<CT>(acc, np + c0, width) * gl_lambda;
         }
-        gl_task_sums->push_back(gl::block_norms<CT>(acc.data(), np + c0, width) * gl_lambda);
-      }
+      });
+      gl_task_sums->insert(gl_task_sums->end(), cb_sums.begin(), cb_sums.end());
     }
     scalars = at::empty({dz::kNumScalars}, wc.options().dtype(c10::CppTypeToScalarType<CT>::value));
     CT* sp = scalars.mutable_data_ptr<CT>();
@@ -321,6 +376,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_impl(const at::
         const int64_t b = c * kReduceChunk, e = std::min(n, b + kReduceChunk);
         if (gl == nullptr) {
           backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
+        } else if (cols % kLanes != 0) {
+          std::unique_ptr<CT[]> sc(new CT[static_cast<size_t>(e - b)]);
+          for (int64_t i = b, col = b % cols; i < e; ++i) {
+            sc[i - b] = scale[col];
+            if (++col == cols) col = 0;
+          }
+          backward_loop_gl_flat<scalar_t, CT>(gp, wp, sc.get(), out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
         } else {
           backward_loop_gl<scalar_t, CT>(gp, wp, scale.data(), cols, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
         }

@@ -543,13 +543,18 @@ CT abs_quantile(const scalar_t* data, int64_t n, double q) {
   const CT result = dz::lerp<CT>(select::key_value<CT>(k_lo), select::key_value<CT>(k_hi), rank.weight);
   if (use_hint) {
     // Next window: 4x this call's relative change, shrinking at most by half a
-    // call, at least 0.1% and at most 5%; after a miss at least twice as wide.
+    // call, at most 5%; after a miss at least twice as wide.  At least 0.1%,
+    // and at least 256/n: around a 0.99-quantile a window of relative width
+    // 2 eps holds about 0.15 n eps keys of a Gaussian-like weight, and a
+    // window that expects only a few keys misses ranks lo/hi every other call
+    // (each miss costs the full select).
     const double r = static_cast<double>(result);
-    double eps = 0.01;
+    const double eps_min = std::max(0.001, 256.0 / static_cast<double>(n));
+    double eps = std::max(0.01, eps_min);
     if (have_hint && hint_a > 0.0 && std::isfinite(r)) {
       const double change = 4.0 * std::fabs(r - hint_a) / hint_a + 0.0005;
       eps = hit ? std::max(change, 0.5 * hint_eps) : std::max(change, 2.0 * hint_eps);
-      eps = std::min(0.05, std::max(0.001, eps));
+      eps = std::min(0.05, std::max(eps_min, eps));
     }
     hint_store(data, n, q, r, eps, hit);
   }
