@@ -103,10 +103,18 @@ class FusedWeights:
                [bool(q.learnable_bit) for q in qs], lams)
         # What the per-step check compares: the parametrization list's own module
         # and parameter dicts (reading them directly is ~10x cheaper than
-        # ModuleList indexing and Module.__getattr__), the quantizer's settings.
+        # ModuleList indexing and Module.__getattr__), the quantizer's settings
+        # and its logit parameters.
+        dzs = [q._parameters.get("logit_dz") for q in qs]
+        bits = [q._parameters.get("logit_bit") for q in qs]
         key = [(m.parametrizations["weight"]._modules, m.parametrizations["weight"]._parameters, q, w, q._cfg,
-                q.learnable_bit) for m, q, w in zip(mods, qs, ws)]
-        return mods, qs, ws, lams, cfg, dev, key
+                q.learnable_bit, q._parameters, dz, bit) for m, q, w, dz, bit in zip(mods, qs, ws, dzs, bits)]
+        if any(t is None for t in dzs + bits):  # logits that are not parameters (a subclass's doing)
+            dzs, bits = [q.logit_dz for q in qs], [q.logit_bit for q in qs]
+            key = [k[:6] + (None, None, None) for k in key]
+        args = (cfg, *ws, *dzs, *bits)
+        cache_keys = [(id(m), "weight") for m in mods]
+        return mods, qs, ws, lams, cfg, dev, key, args, cache_keys
 
     def _current_plan(self):
         """The cached plan while it still holds (same quantizer objects and
@@ -115,12 +123,14 @@ class FusedWeights:
         The cheap check runs every step; the full scan only when it fails."""
         plan = self._cached_plan
         if plan is not None:
-            mods, qs, ws, lams, cfg, dev, key = plan
+            dev, key = plan[5], plan[6]
             ok = True
-            for pmods, pparams, q, w, qcfg, learn in key:
+            for pmods, pparams, q, w, qcfg, learn, qparams, dz, bit in key:
                 if not q.enabled or len(pmods) != 1 or pmods.get("0") is not q or pparams.get("original") is not w \
                         or w.device != dev or q._cfg is not qcfg or q.learnable_bit != learn \
-                        or q._forward_hooks or q._forward_pre_hooks:
+                        or q._forward_hooks or q._forward_pre_hooks \
+                        or (qparams is not None and (qparams.get("logit_dz") is not dz
+                                                     or qparams.get("logit_bit") is not bit)):
                     ok = False
                     break
             if ok and self._skipped:  # a layer that was not fusable may have become so (e.g. re-enabled)
@@ -131,6 +141,9 @@ class FusedWeights:
         self._cached_plan = plan
         taken = {id(m) for m in plan[0]}
         self._skipped = [m for m in self.modules if id(m) not in taken]
+        # The group-lasso layers the fused call does not cover (read every step).
+        done = {id(m) for m, lam in zip(plan[0], plan[3]) if lam != 0.0}
+        self._gl_rest = [(m, lam) for m, lam in self._gl_modules if id(m) not in done]
         return plan
 
     def prefill(self):
@@ -142,13 +155,13 @@ class FusedWeights:
             return None
         if not parametrize._cache_enabled:
             raise RuntimeError("FusedWeights.prefill() must run inside torch.nn.utils.parametrize.cached()")
-        mods, qs, ws, lams, cfg, dev, _ = self._current_plan()
+        mods, qs, ws, lams, cfg, dev, _, args, cache_keys = self._current_plan()
         gl = None
         if mods:
-            outs = DeadZoneMultiFunction.apply(cfg, *ws, *[q.logit_dz for q in qs], *[q.logit_bit for q in qs])
+            outs = DeadZoneMultiFunction.apply(*args)
             cache = parametrize._cache
-            for m, w_hat in zip(mods, outs[: len(mods)]):
-                cache[(id(m), "weight")] = w_hat
+            for k, w_hat in zip(cache_keys, outs):
+                cache[k] = w_hat
             if not self._checked:
                 self._checked = True
                 if mods[0].weight is not outs[0]:  # torch changed its parametrization cache: stay correct
@@ -159,14 +172,13 @@ class FusedWeights:
                     return None
             if self.gl is not None and any(lam != 0.0 for lam in lams):
                 gl = outs[len(mods)]
-        if self.gl is None:
-            return None
+        if self.gl is None or (gl is not None and not self._gl_rest):
+            return gl
         # The layers the fused call did not cover (or all, if it covered none).
         from codeq import reference
         from codeq.losses import group_lasso_of_layers
 
-        done = {id(m) for m, lam in zip(mods, lams) if lam != 0.0}
-        rest = [(m.weight, lam) for m, lam in self._gl_modules if id(m) not in done]
+        rest = [(m.weight, lam) for m, lam in self._gl_rest]
         if rest:
             extra = group_lasso_of_layers(rest, self.model)
             gl = extra if gl is None else gl + extra

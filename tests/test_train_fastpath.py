@@ -300,3 +300,40 @@ def test_fast_path_follows_a_state_dict_load_between_steps(seed):
     ref = build_model(config("mlp", learnable_bit=False))
     ref.load_state_dict(sd)
     torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+
+
+def test_fast_path_follows_a_replaced_logit_parameter(seed):
+    """The fused plan keeps each quantizer's logit parameters; replacing one
+    (``q.logit_dz = nn.Parameter(...)``) between steps must reach the fused
+    call: the quantized weights and the new parameter's gradient are those of
+    the per-layer path."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from codeq.fastpath import FusedWeights
+    from codeq.parametrize import iter_quantizers
+
+    torch.manual_seed(seed)
+    model = build_model(config("mlp"))
+    fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
+    x = torch.randn(4, 3, 32, 32)
+    with parametrize.cached():
+        fast.prefill()
+        model(x).sum().backward()
+    q = [q for _, _, q in iter_quantizers(model)][1]
+    q.logit_dz = nn.Parameter(torch.tensor(0.4))
+    q.logit_bit = nn.Parameter(torch.tensor(-1.1))
+    with parametrize.cached():
+        gl = fast.prefill()
+        (model(x).sum() + gl).backward()
+    g_dz, g_bit = q.logit_dz.grad.clone(), q.logit_bit.grad.clone()
+    assert g_dz.abs() > 0 and g_bit.abs() > 0
+    ref = build_model(config("mlp"))
+    rq = [q for _, _, q in iter_quantizers(ref)][1]
+    rq.logit_dz, rq.logit_bit = nn.Parameter(torch.tensor(0.4)), nn.Parameter(torch.tensor(-1.1))
+    ref.load_state_dict(model.state_dict())
+    from codeq.losses import group_lasso
+
+    (ref(x).sum() + group_lasso(ref, lambda_linear=1e-3, lambda_conv=0.0)).backward()
+    torch.testing.assert_close(g_dz, rq.logit_dz.grad, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(g_bit, rq.logit_bit.grad, rtol=1e-5, atol=1e-9)
