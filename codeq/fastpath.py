@@ -109,10 +109,10 @@ class FusedWeights:
         bits = [q._parameters.get("logit_bit") for q in qs]
         key = [(m.parametrizations["weight"]._modules, m.parametrizations["weight"]._parameters, q, w, q._cfg,
                 q.learnable_bit, q._parameters, dz, bit) for m, q, w, dz, bit in zip(mods, qs, ws, dzs, bits)]
-        if any(t is None for t in dzs + bits):  # logits that are not parameters (a subclass's doing)
-            dzs, bits = [q.logit_dz for q in qs], [q.logit_bit for q in qs]
-            key = [k[:6] + (None, None, None) for k in key]
         args = (cfg, *ws, *dzs, *bits)
+        if any(t is None for t in dzs + bits):  # logits that are not parameters (a subclass's doing):
+            key = [k[:6] + (None, None, None) for k in key]
+            args = None  # read them every step
         cache_keys = [(id(m), "weight") for m in mods]
         return mods, qs, ws, lams, cfg, dev, key, args, cache_keys
 
@@ -158,6 +158,8 @@ class FusedWeights:
         mods, qs, ws, lams, cfg, dev, _, args, cache_keys = self._current_plan()
         gl = None
         if mods:
+            if args is None:
+                args = (cfg, *ws, *[q.logit_dz for q in qs], *[q.logit_bit for q in qs])
             outs = DeadZoneMultiFunction.apply(*args)
             cache = parametrize._cache
             for k, w_hat in zip(cache_keys, outs):

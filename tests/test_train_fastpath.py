@@ -337,3 +337,35 @@ def test_fast_path_follows_a_replaced_logit_parameter(seed):
     (ref(x).sum() + group_lasso(ref, lambda_linear=1e-3, lambda_conv=0.0)).backward()
     torch.testing.assert_close(g_dz, rq.logit_dz.grad, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(g_bit, rq.logit_bit.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_fast_path_rereads_logits_that_are_not_parameters(seed):
+    """A quantizer subclass that keeps its dead-zone logit as a buffer (same
+    math, so still fused): the plan cannot hold on to that tensor, and a buffer
+    replaced between steps must reach the fused call."""
+    from torch.nn.utils import parametrize
+
+    from codeq.fastpath import FusedWeights
+    from codeq.quantizers import DeadZoneLDZCompander
+
+    class BufferLogit(DeadZoneLDZCompander):
+        pass
+
+    torch.manual_seed(seed)
+    model = build_model(config("mlp"))
+    layer = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")][1]
+    q = BufferLogit(init_deadzone_logit=1.5, init_bit_logit=0.5)
+    del q.logit_dz
+    q.register_buffer("logit_dz", torch.tensor(1.5))
+    layer.parametrizations.weight[0] = q
+    fast = FusedWeights(model)
+    x = torch.randn(4, 3, 32, 32)
+    original = layer.parametrizations.weight.original
+    for value in (1.5, 0.3):
+        q.logit_dz = torch.tensor(value)  # a new buffer tensor each time
+        with parametrize.cached():
+            fast.prefill()
+            w_fast = layer.weight.detach().clone()
+            assert q in fast._cached_plan[1]  # fused
+        want = DeadZoneLDZCompander.forward(q, original).detach()
+        assert torch.equal(w_fast, want), value
