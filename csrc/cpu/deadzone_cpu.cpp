@@ -62,6 +62,28 @@ CODEQ_CPU_CLONES void sum_blocks(const double* __restrict part, int64_t stride, 
   }
 }
 
+// Scratch memory of n elements: up to kScratchMax a per-thread buffer kept
+// between calls (a fresh malloc of tens of KB right after a training step's
+// frees costs glibc several microseconds), above that a fresh allocation.
+// One Scratch<T> alive per thread at a time.
+constexpr size_t kScratchMax = size_t(1) << 18;
+
+template <typename T>
+struct Scratch {
+  T* data = nullptr;
+  std::unique_ptr<T[]> own;
+  explicit Scratch(size_t n) {
+    static thread_local std::vector<T> buf;
+    if (n > kScratchMax) {
+      own.reset(new T[n]);
+      data = own.get();
+      return;
+    }
+    if (buf.size() < n) buf.resize(n);
+    data = buf.data();
+  }
+};
+
 // The backward's reductions G_s and G_delta: kLanes independent double
 // accumulators, element i of a chunk [b, e) going to lane (i - b) % kLanes, in
 // increasing i, the lanes summed in order at the end (deterministic, and the
@@ -246,10 +268,11 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_impl(const at::Tensor& w, co
       // their squares per column from zero; the blocks are added in order below.
       const int64_t rows = wc.size(0), cols = n / rows;
       const int64_t rb = gl::row_block(cols), nblocks = (rows + rb - 1) / rb;
-      std::unique_ptr<double[]> part(new double[static_cast<size_t>(nblocks * cols)]);  // zeroed per task
+      Scratch<double> scr(static_cast<size_t>(nblocks * cols));  // zeroed per task
+      double* part = scr.data;
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t blk = b0; blk < b1; ++blk) {
-          double* acc = part.get() + blk * cols;
+          double* acc = part + blk * cols;
           std::fill(acc, acc + cols, 0.0);
           const int64_t r_end = std::min(rows, (blk + 1) * rb), rg = rows_per_group(cols);
           for (int64_t r = blk * rb; r < r_end; r += rg)
@@ -267,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_impl(const at::Tensor& w, co
         double acc[gl::kColBlock];
         for (int64_t cb = cb0; cb < cb1; ++cb) {
           const int64_t c0 = cb * gl::kColBlock, width = std::min(cols, c0 + gl::kColBlock) - c0;
-          sum_blocks(part.get() + c0, cols, nblocks, acc, width);
+          sum_blocks(part + c0, cols, nblocks, acc, width);
           cb_sums[cb] = gl::block_norms<CT>(acc, np + c0, width) * gl_lambda;
         }
       });
@@ -377,12 +400,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_impl(const at::
         if (gl == nullptr) {
           backward_loop<scalar_t, CT>(gp, wp, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
         } else if (cols % kLanes != 0) {
-          std::unique_ptr<CT[]> sc(new CT[static_cast<size_t>(e - b)]);
+          Scratch<CT> scr(static_cast<size_t>(e - b));
+          CT* sc = scr.data;
           for (int64_t i = b, col = b % cols; i < e; ++i) {
             sc[i - b] = scale[col];
             if (++col == cols) col = 0;
           }
-          backward_loop_gl_flat<scalar_t, CT>(gp, wp, sc.get(), out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
+          backward_loop_gl_flat<scalar_t, CT>(gp, wp, sc, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
         } else {
           backward_loop_gl<scalar_t, CT>(gp, wp, scale.data(), cols, out, b, e, s, delta, Q, &part_s[c], &part_d[c]);
         }

@@ -120,8 +120,8 @@ CODEQ_HD CT forward_element(CT w, CT s, CT delta, CT Q) {
 // dL/dw is g*sign(w)*sign(w): the spec's value in exact arithmetic.  The
 // reference's autograd graph evaluates ((g*s)/s)*sign(w)*sign(w), whose
 // division by s can move the result by an ulp; the parity contract allows
-// that (rtol 1e-6), and leaving the division out saves the backward's slowest
-// instruction (a vector division per element, about a third of the CPU loop).
+// that (rtol 1e-6), and leaving the division out saves a vector division per
+// element, the slowest instruction of the CPU loop.
 // What the division does keep: for s = Inf or NaN (the quantile of a weight
 // with over 1% Inf, or with a NaN) the reference's dL/dw is NaN everywhere,
 // and so is this one (the factor (s - s) + 1, hoisted out of the loops).
