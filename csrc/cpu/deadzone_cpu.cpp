@@ -14,6 +14,7 @@
 #include "codeq/group_lasso.h"
 #include "codeq/multi.h"
 #include "cpu/quantile_cpu.h"
+#include "cpu/scratch.h"
 #include "cpu/simd.h"
 
 namespace codeq {
@@ -61,28 +62,6 @@ CODEQ_CPU_CLONES void sum_blocks(const double* __restrict part, int64_t stride, 
     for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
   }
 }
-
-// Scratch memory of n elements: up to kScratchMax a per-thread buffer kept
-// between calls (a fresh malloc of tens of KB right after a training step's
-// frees costs glibc several microseconds), above that a fresh allocation.
-// One Scratch<T> alive per thread at a time.
-constexpr size_t kScratchMax = size_t(1) << 18;
-
-template <typename T>
-struct Scratch {
-  T* data = nullptr;
-  std::unique_ptr<T[]> own;
-  explicit Scratch(size_t n) {
-    static thread_local std::vector<T> buf;
-    if (n > kScratchMax) {
-      own.reset(new T[n]);
-      data = own.get();
-      return;
-    }
-    if (buf.size() < n) buf.resize(n);
-    data = buf.data();
-  }
-};
 
 // The backward's reductions G_s and G_delta: kLanes independent double
 // accumulators, element i of a chunk [b, e) going to lane (i - b) % kLanes, in

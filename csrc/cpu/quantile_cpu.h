@@ -31,6 +31,7 @@
 
 #include "codeq/deadzone.h"
 #include "codeq/select.h"
+#include "cpu/scratch.h"
 #include "cpu/simd.h"
 
 namespace codeq {
@@ -265,14 +266,15 @@ bool window_gather(const scalar_t* data, int64_t n, typename select::KeyTraits<C
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kWindowMin));
   const int64_t chunk = (n + nchunks - 1) / nchunks;
   const int64_t cap = static_cast<int64_t>(static_cast<double>(chunk) * cap_share) + 64;
-  std::unique_ptr<Key[]> buf(new Key[static_cast<size_t>(cap * nchunks)]);  // uninitialised
+  Scratch<Key> scr(static_cast<size_t>(cap * nchunks));  // uninitialised
+  Key* const buf = scr.data;
   std::vector<int64_t> below(nchunks, 0), count(nchunks, 0);
   std::vector<char> nan_seen(nchunks, 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * chunk, e = std::min(n, b + chunk);
       bool nan = false;
-      below[c] = window_pass<scalar_t, CT>(data, b, e, L, U, buf.get() + c * cap, cap, &count[c], nan);
+      below[c] = window_pass<scalar_t, CT>(data, b, e, L, U, buf + c * cap, cap, &count[c], nan);
       nan_seen[c] = nan;
     }
   });
@@ -285,7 +287,7 @@ bool window_gather(const scalar_t* data, int64_t n, typename select::KeyTraits<C
   if (lo < total_below || hi >= total_below + total) return false;
   cand.clear();
   cand.reserve(static_cast<size_t>(total));
-  for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf.get() + c * cap, buf.get() + c * cap + count[c]);
+  for (int64_t c = 0; c < nchunks; ++c) cand.insert(cand.end(), buf + c * cap, buf + c * cap + count[c]);
   prefix = total_below;
   return true;
 }
