@@ -73,6 +73,7 @@ class FusedWeights:
         self._checked = False
         self._cached_plan = None
         self._skipped = []
+        self._gl_rest = []  # group-lasso layers the fused call does not cover (set with each plan)
         # (module, lambda) of every layer the group lasso covers (fixed for a model)
         self._gl_modules = [(m, lam) for m in model.modules() for lam in [self._gl_lambda(m)] if lam != 0.0]
 
