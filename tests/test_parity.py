@@ -224,6 +224,34 @@ def test_forward_matches_reference_bitwise_on_cpu(seed):
     assert differ < w.numel() // 2, differ
 
 
+@pytest.mark.parametrize("kind", ["plain", "inf", "nan"])
+def test_forward_bits_match_reference_on_special_values(kind, seed):
+    """On the CPU, w_hat has the reference's bits, the sign of every zero included, and
+    NaN in the same places, over the settings matrix, for weights holding +-0,
+    subnormals, huge values and (per kind) +-Inf or a NaN: the kernels' selects and
+    min/max forms of sign, relu and clamp must be exactly torch's."""
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-30, -1e-30, 3.0, -3.0, 1e30, -1e30])
+    for theta_dz in (-6.0, -0.3, 0.0, 0.05, 0.9, 3.0, 6.0):
+        for learnable_bit, fixed_bit, theta_bit in ((True, 4, -3.0), (True, 4, 0.4), (True, 4, 3.0),
+                                                    (False, 2, 0.0), (False, 3, 0.0), (False, 8, 0.0)):
+            w = torch.randn(4096) * 0.05
+            w[: len(special)] = special
+            if kind == "inf":
+                w[100], w[200] = math.inf, -math.inf
+            elif kind == "nan":
+                w[300] = math.nan
+            g = torch.randn_like(w)
+            fused, ref = make_pair(learnable_bit=learnable_bit, fixed_bit_val=fixed_bit, theta_dz=theta_dz,
+                                   theta_bit=theta_bit)
+            f, r = run(fused, w, g)[0], run(ref, w, g)[0]
+            ctx = f"(θdz={theta_dz}, lb={learnable_bit}, bits={fixed_bit}, θbit={theta_bit}, {kind}, seed={seed})"
+            fn, rn = torch.isnan(f), torch.isnan(r)
+            assert torch.equal(fn, rn), f"NaN positions differ {ctx}"
+            diff = f[~fn].view(torch.int32) != r[~rn].view(torch.int32)
+            assert not diff.any(), f"{int(diff.sum())} elements differ in bits {ctx}: " \
+                                   f"{f[~fn][diff][:4].tolist()} vs {r[~rn][diff][:4].tolist()}"
+
+
 @pytest.mark.slow
 def test_parity_over_2_pow_24(seed):
     n = (1 << 24) + 12_345

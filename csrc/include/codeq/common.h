@@ -38,15 +38,23 @@ struct AccType { using type = float; };
 template <>
 struct AccType<double> { using type = double; };
 
+CODEQ_HD float copysign_of(float mag, float sign) { return copysignf(mag, sign); }
+CODEQ_HD double copysign_of(double mag, double sign) { return copysign(mag, sign); }
+
+// torch.sign: -1, 0 or 1, and +0 for +-0 and NaN -- the value of
+// (0 < x) - (x < 0), written as a select of copysign(1, x), which vectorises
+// to a compare and a sign-bit operation.
 template <typename T>
 CODEQ_HD T sgn(T x) {
-  return static_cast<T>((T(0) < x) - (x < T(0)));
+  return (x < T(0) || x > T(0)) ? copysign_of(T(1), x) : T(0);
 }
 
-// torch.clamp(x, lo, hi): NaN stays NaN.
+// torch.clamp(x, lo, hi): NaN stays NaN.  In the operand order of the x86
+// max/min instructions ((a > b) ? a : b), so that it vectorises to one of each.
 template <typename T>
 CODEQ_HD T clamp_nan(T x, T lo, T hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
+  const T t = lo > x ? lo : x;
+  return hi < t ? hi : t;
 }
 
 // Round half to even for |x| <= 2^22 (float) / 2^51 (double) or NaN.  On the host this is the classic "add and subtract 1.5*2^mantissa"

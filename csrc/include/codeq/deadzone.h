@@ -93,9 +93,12 @@ CODEQ_HD Scalars<CT> compute_scalars(CT a, TH theta_dz, TH theta_bit, bool learn
 // u/s for one weight: u = sign(w) * max(|w| - delta, 0).
 template <typename CT>
 CODEQ_HD CT scaled_u(CT w, CT s, CT delta) {
-  const CT r = add_rn(fabs(w), -delta);
-  const CT relu = r > CT(0) ? r : (r == r ? CT(0) : r);  // relu keeps NaN, like torch
-  return mul_rn(sgn(w), relu) / s;
+  const CT r = add_rn(fabs(w), -delta);  // never -0: |w| >= +0 and x + (-x) is +0
+  const CT relu = CT(0) > r ? CT(0) : r;  // relu keeps NaN, like torch (one max instruction)
+  // sign(w) * relu: +-relu where w is non-zero (relu >= 0 or NaN, so that is
+  // copysign), 0 * relu where w is +-0 or NaN (sign(w) is +0 there).
+  const CT u = (w < CT(0) || w > CT(0)) ? copysign_of(relu, w) : mul_rn(CT(0), relu);
+  return u / s;
 }
 
 // The integer level q = clamp(round(u/s), -Q, Q), from x = u/s.
