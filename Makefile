@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 export PIP_NO_CACHE_DIR ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: venv install dev test test-all demo bench clean
+.PHONY: venv install dev test test-all demo bench clean docs
 
 $(PY):
 	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$${free_kb:-0}" -lt 7000000 ]; then \
@@ -48,3 +48,7 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info codeq/*.so
+
+# The generated parts of the docs (the config reference table of docs/TRAINING.md).
+docs: install
+	$(PY) -c "from codeq.train.config import write_markdown_table; write_markdown_table('docs/TRAINING.md')"

@@ -30,10 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quantizer import env_header, print_env, sync, write_results  # noqa: E402
 
-from codeq.train.build import build_datasets, build_model, build_optimizer, build_scheduler  # noqa: E402
 from codeq.train.config import ConfigError, config_from_dict  # noqa: E402
-from codeq.train.data import build_loaders, epoch_seed  # noqa: E402
-from codeq.train.trainer import Trainer  # noqa: E402
+from codeq.train.data import build_datasets, build_loaders  # noqa: E402
+from codeq.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from codeq.train.sampling import epoch_seed  # noqa: E402
+from codeq.train.trainer import Trainer, build_run_model  # noqa: E402
 
 
 def make_cfg(args, on_device: bool, model: str):
@@ -60,7 +61,7 @@ def run(args, on_device: bool, train_model: str | None) -> dict:
     loader, _, g = build_loaders(cfg, train_ds, val_ds, device)
     trainer = None
     if train_model:
-        model = build_model(cfg).to(device)
+        model = build_run_model(cfg).to(device)
         opt = build_optimizer(cfg, model)
         trainer = Trainer(cfg, device, model, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
         trainer.model.train()

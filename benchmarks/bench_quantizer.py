@@ -124,13 +124,13 @@ def quantizer_rows(device, sizes, compile_ref, dtype):
         w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(n, device=device, dtype=dtype)
         kw = dict(init_deadzone_logit=2.0, init_bit_logit=1.0)
-        ref = R.DeadZoneLDZCompander(**kw).to(device)
+        ref = codeq.DeadZoneLDZCompander(**kw, reference=True).to(device)
         fused = codeq.DeadZoneLDZCompander(**kw).to(device)
         row = {"kind": "deadzone", "n": n, "what": SIZES.get(n, ""), "dtype": str(dtype).replace("torch.", "")}
         row["eager_ref_us"] = bench(dz_step(ref, w, g), device) * 1e6
         if compile_ref:
             torch._dynamo.reset()
-            cref = R.DeadZoneLDZCompander(**kw).to(device)
+            cref = codeq.DeadZoneLDZCompander(**kw, reference=True).to(device)
             cref.forward = torch.compile(cref.forward, dynamic=False)
             row["compiled_ref_us"] = bench(dz_step(cref, w, g), device, warmup=3) * 1e6
         row["fused_us"] = bench(dz_step(fused, w, g), device) * 1e6

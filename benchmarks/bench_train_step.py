@@ -35,9 +35,9 @@ from bench_quantizer import env_header, print_env, sync, write_results  # noqa: 
 
 import codeq  # noqa: E402
 from codeq import reference as R  # noqa: E402
-from codeq.train.build import build_model, build_optimizer, build_scheduler  # noqa: E402
 from codeq.train.config import config_from_dict  # noqa: E402
-from codeq.train.trainer import Trainer  # noqa: E402
+from codeq.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from codeq.train.trainer import Trainer, build_run_model  # noqa: E402
 
 VARIANTS = ["baseline", "reference_qat", "reference_qat_gl", "codeq_qat", "codeq_qat_gl", "codeq_qat_gl_compiled",
             "baseline_graph", "codeq_qat_gl_graph"]
@@ -50,8 +50,7 @@ MODELS = {
     "vit": dict(model="vit", img_size=224, exclude=["norm"], gl=dict(lambda_linear=1e-4, lambda_conv=0.0)),
 }
 
-# The reference twins, registered under their own names for this benchmark.
-codeq.QUANTIZER_REGISTRY.setdefault("_reference_deadzone", R.DeadZoneLDZCompander)
+# The reference group lasso, registered under its own name for this benchmark.
 codeq.LOSS_REGISTRY.setdefault("_reference_group_lasso", R.group_lasso)
 
 
@@ -75,9 +74,9 @@ def make_config(model: str, variant: str, batch: int, device: str) -> dict:
     }
     if not variant.startswith("baseline"):
         cfg["quantizer"] = {
-            "name": "_reference_deadzone" if variant.startswith("reference") else "deadzone",
+            "name": "deadzone",
             "kwargs": {"fixed_bit_val": 4, "max_bits": 8, "init_deadzone_logit": 3.0, "init_bit_logit": 3.0,
-                       "learnable_bit": True, "learnable_deadzone": True},
+                       "learnable_bit": True, "learnable_deadzone": True, "reference": variant.startswith("reference")},
             "exclude_layers": spec["exclude"],
         }
     if variant.endswith("_gl") or "_gl_" in variant:
@@ -90,7 +89,7 @@ def make_trainer(model: str, variant: str, batch: int, device: torch.device) -> 
     """The trainer of one variant, built as the trainer's own from_config would (seed 0)."""
     torch.manual_seed(0)
     cfg = config_from_dict(make_config(model, variant, batch, str(device)))
-    net = build_model(cfg).to(device)
+    net = build_run_model(cfg).to(device)
     opt = build_optimizer(cfg, net)
     return Trainer(cfg, device, net, opt, build_scheduler(cfg, opt), None, None, torch.Generator())
 

@@ -47,13 +47,22 @@ def main(argv=None) -> int:
             g = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(dev)
             a = ops.abs_quantile(w, 0.99)
             for learnable in (True, False):
-                w_hat, sc = ops.deadzone_forward(w, ldz, lbit, 4.0, 2.0, 8.0, learnable)
-                gw, gdz, gbit = ops.deadzone_backward(g, w, sc, ldz, lbit, 2.0, 8.0, learnable)
+                cfg = ([4.0], [2.0], [8.0], [learnable], [0.0])
+                w_hat, gl, (sc,), norms = ops.deadzone_forward([w], [ldz], [lbit], *cfg)
+                (gw,), (gdz,), (gbit,) = ops.deadzone_backward([g], gl, [w], w_hat, [sc], norms, [ldz], [lbit], *cfg[1:])
             # misaligned (storage offset 1): the element-by-element paths
             if n > 2:
                 ops.abs_quantile(w[1:], 0.99)
-                wh1, sc1 = ops.deadzone_forward(w[1:], ldz, lbit, 4.0, 2.0, 8.0, True)
-                ops.deadzone_backward(g[1:], w[1:], sc1, ldz, lbit, 2.0, 8.0, True)
+                cfg = ([4.0], [2.0], [8.0], [True], [0.0])
+                wh1, gl1, sc1, nm1 = ops.deadzone_forward([w[1:]], [ldz], [lbit], *cfg)
+                ops.deadzone_backward([g[1:]], gl1, [w[1:]], wh1, sc1, nm1, [ldz], [lbit], *cfg[1:])
+            # several layers with the group lasso (the training step's call)
+            if n > 1:
+                ws2 = [w.reshape(1, -1), w[: n // 2].reshape(-1, 1)]
+                cfg = ([4.0, 4.0], [2.0, 2.0], [8.0, 8.0], [True, False], [1e-3, 2e-3])
+                whs, glm, scs, nms = ops.deadzone_forward(ws2, [ldz, ldz], [lbit, lbit], *cfg)
+                ops.deadzone_backward([torch.ones_like(x) for x in ws2], torch.ones_like(glm), ws2, whs, scs, nms,
+                                      [ldz, ldz], [lbit, lbit], *cfg[1:])
             uh, us = ops.uniform_forward(w, 4)
             ops.uniform_backward(g, w, us, 4)
             torch.cuda.synchronize()

@@ -66,7 +66,6 @@ def peak_extra_bytes(step):
 
 def bench_deadzone(n, dtype, bw):
     import codeq
-    from codeq import reference
 
     dev = torch.device("cuda")
     w = (torch.randn(n, device=dev) * 0.02).to(dtype).requires_grad_(True)
@@ -83,18 +82,19 @@ def bench_deadzone(n, dtype, bw):
         return f
 
     fused = codeq.DeadZoneLDZCompander().to(dev)
-    ref = reference.DeadZoneLDZCompander().to(dev)
+    ref = codeq.DeadZoneLDZCompander(reference=True).to(dev)
     res["fused_fwd_bwd_us"] = cuda_time_us(run_module(fused))
-    ldz, lbit = fused.logit_dz.detach(), fused.logit_bit.detach()
-    wd = w.detach()
+    ldz, lbit = [fused.logit_dz.detach()], [fused.logit_bit.detach()]
+    wd = [w.detach()]
     ops = torch.ops.codeq
+    cfg = ([4.0], [2.0], [8.0], [True], [0.0])
 
     def raw():
-        _, sc = ops.deadzone_forward(wd, ldz, lbit, 4.0, 2.0, 8.0, True)
-        ops.deadzone_backward(g, wd, sc, ldz, lbit, 2.0, 8.0, True)
+        w_hat, gl, sc, norms = ops.deadzone_forward(wd, ldz, lbit, *cfg)
+        ops.deadzone_backward([g], gl, wd, w_hat, sc, norms, ldz, lbit, *cfg[1:])
 
     res["ops_fwd_bwd_us"] = cuda_time_us(raw)
-    res["ops_fwd_us"] = cuda_time_us(lambda: ops.deadzone_forward(wd, ldz, lbit, 4.0, 2.0, 8.0, True))
+    res["ops_fwd_us"] = cuda_time_us(lambda: ops.deadzone_forward(wd, ldz, lbit, *cfg))
     try:
         res["reference_fwd_bwd_us"] = cuda_time_us(run_module(ref), iters=10, warmup=3)
     except RuntimeError as exc:  # e.g. out of memory for the sort at the largest size
@@ -134,6 +134,7 @@ def bench_uniform(n):
 def bench_group_lasso():
     import codeq
     from codeq import reference
+    from codeq.losses import group_lasso_layers
 
     try:
         import timm
@@ -149,8 +150,8 @@ def bench_group_lasso():
         layers.append(nn.Linear(192, 1000))
         model = nn.Sequential(*layers).cuda()
         name = f"ViT-Tiny-shaped layers (timm unavailable: {type(exc).__name__})"
-    layers = reference.group_lasso_layers(model)
-    params = sum(w.numel() for w, _ in layers)
+    layers = group_lasso_layers(model)
+    params = sum(m.weight.numel() for m, _ in layers)
 
     def run(fn):
         def f():

@@ -8,7 +8,10 @@ an error (CI sets it).
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -25,10 +28,6 @@ def _installed_twin():
     ``pip install .`` imports the checkout's codeq/ (the script's directory
     comes first on sys.path), which holds no compiled _C: the installed
     build is the one to load then."""
-    import importlib.machinery
-    import importlib.util
-    import sys
-
     for entry in sys.path:
         pkg = os.path.join(os.path.abspath(entry or os.getcwd()), "codeq")
         if os.path.realpath(pkg) == os.path.realpath(_PACKAGE_DIR) or not os.path.isdir(pkg):

@@ -1,14 +1,16 @@
-"""Atomic file writes: write a temporary file beside the target, fsync it, then
-``os.replace`` it onto the target, so that a crash or kill mid-write leaves the
-previous file intact (checkpoints, reports, exports)."""
+"""Files written safely.  Atomic writes: a temporary file beside the target,
+fsynced, then ``os.replace``d onto the target, so that a crash or kill
+mid-write leaves the previous file intact (checkpoints, reports, exports).
+JSON without NaN or Inf (metrics, reports)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 
-__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes"]
+__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes", "json_safe"]
 
 
 def temp_path(path: str) -> str:
@@ -47,3 +49,14 @@ def atomic_file(path, mode: str = "wb"):
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
+
+
+def json_safe(v):
+    """``v`` with every NaN or Inf float (in nested dicts and lists) replaced by None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v

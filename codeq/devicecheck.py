@@ -31,6 +31,7 @@ def _compare(device: torch.device) -> str | None:
     gen = torch.Generator().manual_seed(1234)
     dz = torch.tensor(1.1)
     bit = torch.tensor(0.6)
+    cfg = ([4.0], [2.0], [8.0], [True], [0.0])
     for n in (1_000, 70_001, 300_000):  # single-block and multi-pass paths
         w = torch.randn(n, generator=gen)
         g = torch.randn(n, generator=gen)
@@ -39,21 +40,24 @@ def _compare(device: torch.device) -> str | None:
         a_d = ops.abs_quantile(w_d, 0.99).cpu()
         if not torch.equal(a_c, a_d):
             return f"abs_quantile n={n}: {a_d.item()!r} vs CPU {a_c.item()!r}"
-        out_c, sc_c = ops.deadzone_forward(w, dz, bit, 4.0, 2.0, 8.0, True)
-        out_d, sc_d = ops.deadzone_forward(w_d, dz_d, bit_d, 4.0, 2.0, 8.0, True)
+        (out_c,), _, (sc_c,), (nm_c,) = ops.deadzone_forward([w], [dz], [bit], *cfg)
+        (out_d,), _, (sc_d,), (nm_d,) = ops.deadzone_forward([w_d], [dz_d], [bit_d], *cfg)
         if not torch.allclose(sc_c, sc_d.cpu(), rtol=1e-6, atol=0):
             return f"deadzone scalars n={n}: {sc_d.cpu().tolist()} vs CPU {sc_c.tolist()}"
         bad = ~torch.isclose(out_c, out_d.cpu(), rtol=1e-5, atol=0)
         if int(bad.sum()) > max(1, n // 10_000):  # boundary flips allowed, rarely
             return f"deadzone_forward n={n}: {int(bad.sum())} elements differ"
-        gw_c, gdz_c, gbit_c = ops.deadzone_backward(g, w, sc_c, dz, bit, 2.0, 8.0, True)
-        gw_d, gdz_d, gbit_d = ops.deadzone_backward(g_d, w_d, sc_d, dz_d, bit_d, 2.0, 8.0, True)
+        bwd = cfg[1:]
+        (gw_c,), (gdz_c,), (gbit_c,) = ops.deadzone_backward([g], torch.zeros(()), [w], [out_c], [sc_c], [nm_c], [dz],
+                                                             [bit], *bwd)
+        (gw_d,), (gdz_d,), (gbit_d,) = ops.deadzone_backward([g_d], torch.zeros((), device=device), [w_d], [out_d],
+                                                             [sc_d], [nm_d], [dz_d], [bit_d], *bwd)
         if int((~torch.isclose(gw_c, gw_d.cpu(), rtol=1e-5, atol=0)).sum()) > max(1, n // 10_000):
             return f"deadzone_backward n={n}: dL/dw differs"
         for name, c, d in (("logit_dz", gdz_c, gdz_d), ("logit_bit", gbit_c, gbit_d)):
             if not torch.allclose(c, d.cpu(), rtol=1e-3, atol=1e-3 * max(1.0, float(c.abs()))):
                 return f"deadzone_backward n={n}: dL/d{name} {d.item()!r} vs CPU {c.item()!r}"
-        uo_c, us_c = ops.uniform_forward(w, 4)
+        uo_c, _ = ops.uniform_forward(w, 4)
         uo_d, _ = ops.uniform_forward(w_d, 4)
         if int((~torch.isclose(uo_c, uo_d.cpu(), rtol=1e-5, atol=0)).sum()) > max(1, n // 10_000):
             return f"uniform_forward n={n}: output differs"

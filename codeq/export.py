@@ -55,11 +55,16 @@ import sys
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from codeq._io import atomic_path, atomic_write_bytes
+from codeq.checkpoint import load_model
+from codeq.errors import ConfigError
+from codeq.models import build_model
 from codeq.parametrize import is_quantizer
-from codeq._io import atomic_path, atomic_write_bytes as _atomic_write
+from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
 
 __all__ = [
     "ExportError",
@@ -244,47 +249,25 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
-def _candidates(q: nn.Module, w: torch.Tensor, w_hat: torch.Tensor):
-    """Yield (encoding, s, delta, B, Q, levels from w) candidates for a known
-    quantizer: the fused kernel's own scalars first, then the reference's."""
-    from codeq.reference import DeadZoneLDZCompander as RefDZ
-    from codeq.reference import UniformSymmetric as RefUni
-
+def _levels(q: nn.Module, w: torch.Tensor):
+    """(encoding, s, delta, B, Q, levels from w) for a quantizer codeq can
+    decode, with the scalars that computed its ŵ; None for any other."""
     ct = _compute_dtype(w.dtype)
     x = w.detach().to(ct)
-    if isinstance(q, RefDZ):
-
-        def scalar_sets():
-            try:  # the fused kernel's own scalars (bit-identical to the ones it used for ŵ)
-                from codeq import _ext
-
-                if _ext._C is not None and w.device.type in _ext_devices():
-                    fixed, lo, hi = q._cfg
-                    _, sc = torch.ops.codeq.deadzone_forward(w.detach(), q.logit_dz.detach(), q.logit_bit.detach(),
-                                                             fixed, lo, hi, q.learnable_bit)
-                    yield {k: sc[i] for i, k in enumerate(("a", "B", "d", "Q", "s", "delta"))}
-            except Exception:  # no kernel for this device/dtype: the reference scalars below
-                pass
-            yield q.get_scalars(w)
-
-        for sc in scalar_sets():
-            s, delta = sc["s"].to(ct), sc["delta"].to(ct)
-            B = int(round(float(sc["B"])))
-            Qi = 2 ** (B - 1) - 1
-            u = torch.sign(x) * torch.relu(x.abs() - delta)
-            yield "deadzone", s, delta, B, Qi, torch.clamp(torch.round(u / s), -Qi, Qi)
-    elif isinstance(q, RefUni):
+    if isinstance(q, DeadZoneLDZCompander):
+        sc = q.get_scalars(w)
+        s, delta = sc["s"].to(ct), sc["delta"].to(ct)
+        B = int(round(float(sc["B"])))
+        Qi = 2 ** (B - 1) - 1
+        u = torch.sign(x) * torch.relu(x.abs() - delta)
+        return "deadzone", s, delta, B, Qi, torch.clamp(torch.round(u / s), -Qi, Qi)
+    if isinstance(q, UniformSymmetric):
         B = int(q.bitwidth)
         Qi = 2 ** (B - 1) - 1
         a = x.abs().amax()
         s = torch.ones((), dtype=ct, device=x.device) if float(a) == 0.0 else a / torch.tensor(float(Qi), dtype=ct)
-        yield "uniform", s, torch.zeros((), dtype=ct, device=x.device), B, Qi, torch.clamp(torch.round(x / s), -Qi, Qi)
-
-
-def _ext_devices() -> frozenset:
-    from codeq.quantizers import fused_device_types
-
-    return fused_device_types()
+        return "uniform", s, torch.zeros((), dtype=ct, device=x.device), B, Qi, torch.clamp(torch.round(x / s), -Qi, Qi)
+    return None
 
 
 def _quantized_weights(model: nn.Module) -> dict:
@@ -393,8 +376,6 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
     ``theoretical_bytes`` (Σ nonzero·B + numel mask bits over the quantized
     weights, plus the other tensors as stored), and per-layer ``layers``.
     """
-    from safetensors.torch import save_file
-
     if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise ExportError(f"{out_path} exists and is not a directory")
     os.makedirs(out_path, exist_ok=True)
@@ -419,20 +400,17 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
             raw_reasons[key] = "not a float tensor"
             continue
         w = module.parametrizations["weight"].original.detach()
-        enc, tried = None, 0
-        for encoding, s, delta, B, Qi, lv in _candidates(q, w, w_hat):
-            tried += 1
-            for lv_try in (lv, _inverse_levels(encoding, w_hat, s, delta, Qi)):
-                if lv_try is not None and _same(_dequant(encoding, lv_try, s, delta, w_hat.dtype), w_hat):
-                    enc = (encoding, s, delta, B, Qi, lv_try)
-                    break
-            if enc is not None:
-                break
-        if enc is None:
-            raw_reasons[key] = ("levels do not rebuild the weight exactly" if tried
-                                else f"no decoder for {type(q).__name__}")
+        found = _levels(q, w)
+        if found is None:
+            raw_reasons[key] = f"no decoder for {type(q).__name__}"
             continue
-        encoding, s, delta, B, Qi, lv = enc
+        encoding, s, delta, B, Qi, lv = found
+        # the levels from w, or read back from ŵ itself where the two formulas disagree by an ulp
+        lv = next((t for t in (lv, _inverse_levels(encoding, w_hat, s, delta, Qi))
+                   if t is not None and _same(_dequant(encoding, t, s, delta, w_hat.dtype), w_hat)), None)
+        if lv is None:
+            raw_reasons[key] = "levels do not rebuild the weight exactly"
+            continue
         qn = lv.to(torch.int64).reshape(-1).cpu().numpy()
         codes, streams = _encode_levels(qn, Qi)
         tensors[f"{_PREFIX}{key}::codes"] = torch.frombuffer(bytearray(codes), dtype=torch.uint8) if codes else \
@@ -477,7 +455,7 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
         "raw": raw_reasons,
     }
     layout["layout_sha256"] = _layout_digest(layout)
-    _atomic_write(lpath, json.dumps(layout, separators=(",", ":"), allow_nan=False).encode() + b"\n")
+    atomic_write_bytes(lpath, json.dumps(layout, separators=(",", ":"), allow_nan=False).encode() + b"\n")
 
     # read the files back: the export must rebuild exactly the tensors of the model
     _verify(plain, load_state_dict(out_path))
@@ -557,8 +535,6 @@ def load_state_dict(out_path: str, verify: bool = True) -> dict:
     as exported) of the export in ``out_path``.  Checks the SHA-256 of the
     tensor file first (``verify=False`` skips it); raises :class:`ExportError`
     on any mismatch or corruption."""
-    from safetensors.torch import load_file
-
     layout = _read_layout(out_path)
     tpath = os.path.join(out_path, str(layout.get("tensor_file", TENSOR_FILE)))
     if not os.path.isfile(tpath):
@@ -597,29 +573,20 @@ def load_state_dict(out_path: str, verify: bool = True) -> dict:
     return out
 
 
-def _plain_config(config: dict) -> dict:
-    cfg = dict(config)
-    cfg.pop("quantizer", None)
-    return cfg
-
-
 def load(out_path: str) -> nn.Module:
     """Rebuild the exported model as a plain nn.Module (no quantizer attached,
-    eval mode) whose weights equal the fake-quantized ŵ.  Needs the trainer
-    (``codeq.train``) and an export made from a checkpoint (with its config)."""
+    eval mode) whose weights equal the fake-quantized ŵ.  Needs an export made
+    from a checkpoint (with its config) of a model in codeq's registry."""
     layout = _read_layout(out_path)
     if not isinstance(layout.get("config"), dict):
         raise ExportError(f"{out_path} has no architecture config (exported from an in-memory model): "
                           "use codeq.export.load_state_dict() with your own model")
     sd = load_state_dict(out_path)
+    config = layout["config"]
     try:
-        from codeq.train.build import build_model
-        from codeq.train.config import config_from_dict
-    except ImportError as e:  # pragma: no cover
-        raise ExportError(f"the trainer (codeq.train) is not available: {e}") from None
-    try:
-        model = build_model(config_from_dict(_plain_config(layout["config"])))
-    except Exception as e:
+        model = build_model(config["model"], img_size=int(config.get("img_size", 32)),
+                            model_kwargs=config.get("model_kwargs"))
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"cannot build the architecture of {out_path}: {' '.join(str(e).split())}") from None
     try:
         model.load_state_dict(sd, strict=True)
@@ -633,11 +600,9 @@ def export_checkpoint(checkpoint: str, out_path: str, verbose: bool = True) -> d
     """Export a trainer checkpoint: rebuild the model (quantizers attached,
     trained state loaded) and export it with its config, so :func:`load` can
     rebuild the architecture.  Prints the size summary when ``verbose``."""
-    from codeq.report import ReportError, load_trained_model
-
     try:
-        model, _, ckpt = load_trained_model(checkpoint)
-    except ReportError as e:
+        model, _, ckpt = load_model(checkpoint)
+    except ConfigError as e:
         raise ExportError(str(e)) from None
     config = ckpt["config"]
     if not isinstance(config, dict):

@@ -5,13 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from codeq import reference
-from codeq.ops import GroupLassoFunction
+from codeq import ops, reference
+from codeq.parametrize import iter_quantizers
 from codeq.quantizers import use_fused
+from codeq.registry import register_loss
 
-__all__ = ["group_lasso", "group_lasso_of_layers", "theta_l2"]
+__all__ = ["group_lasso", "group_lasso_layers", "group_lasso_of", "theta_l2"]
 
 
+def group_lasso_layers(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> list:
+    """(module, lambda) of every layer the group lasso covers: nn.Linear with
+    ``lambda_linear``, nn.Conv2d with ``lambda_conv``, where the lambda is not 0."""
+    out = []
+    for m in model.modules():
+        lam = float(lambda_linear) if isinstance(m, nn.Linear) else float(lambda_conv) if isinstance(m, nn.Conv2d) else 0.0
+        if lam != 0.0:
+            out.append((m, lam))
+    return out
+
+
+@register_loss("group_lasso")
 def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> torch.Tensor:
     """Group lasso over the columns of every nn.Linear / nn.Conv2d weight the
     forward pass uses (the quantized weight where a quantizer is attached):
@@ -23,25 +36,25 @@ def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: floa
     ``torch.nn.utils.parametrize.cached()`` together with the forward pass so
     that the quantizers are not run a second time.
     """
-    return group_lasso_of_layers(reference.group_lasso_layers(model, lambda_linear, lambda_conv), model)
+    layers = [(m.weight, lam) for m, lam in group_lasso_layers(model, lambda_linear, lambda_conv)]
+    return group_lasso_of(layers, model)
 
 
-def group_lasso_of_layers(layers, model: nn.Module | None = None) -> torch.Tensor:
+def group_lasso_of(layers, model: nn.Module | None = None) -> torch.Tensor:
     """The group lasso of a list of (weight, lambda) pairs, in one fused call
-    where the kernels cover the weights' device (the reference otherwise)."""
-    devices = {w.device for w, _ in layers}
-    if len(devices) != 1 or not use_fused(layers[0][0]):
-        return reference.group_lasso_of(layers, model)
-    weights = [w for w, _ in layers]
-    lambdas = [lam for _, lam in layers]
-    return GroupLassoFunction.apply(lambdas, *weights)[0]
+    where the kernels cover the weights' device (the reference otherwise); a
+    zero on the model's device for an empty list."""
+    if not layers:
+        p = next(iter(model.parameters()), None) if model is not None else None
+        return torch.zeros((), device=p.device if p is not None else None)
+    if len({w.device for w, _ in layers}) != 1 or not use_fused(layers[0][0]):
+        return reference.group_lasso_of(layers)
+    return ops.group_lasso_of([w for w, _ in layers], [lam for _, lam in layers])
 
 
 def _learnable_logits(model: nn.Module, name: str) -> list:
     """The learnable parameters called ``name`` (``logit_dz`` / ``logit_bit``)
     of every quantizer attached to ``model``, each once."""
-    from codeq.parametrize import iter_quantizers
-
     seen, out = set(), []
     for _, _, q in iter_quantizers(model):
         for pname, p in q.named_parameters():
@@ -51,6 +64,7 @@ def _learnable_logits(model: nn.Module, name: str) -> list:
     return out
 
 
+@register_loss("theta_l2")
 def theta_l2(model: nn.Module, lambda_dz: float = 0.0, lambda_bit: float = 0.0) -> torch.Tensor:
     """The paper's regulariser of the quantizer logits (arXiv 2512.12981):
     ``lambda_dz * sum(theta_dz ** 2) + lambda_bit * sum(theta_bit ** 2)`` over

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq.reference import QuantizerBase
+from codeq.quantizers import QuantizerBase
+from codeq.registry import QUANTIZER_REGISTRY
 
 __all__ = ["attach_weight_quantizers", "toggle_quantization", "iter_quantizers", "is_quantizer"]
 
@@ -26,9 +27,6 @@ class ExternalQuantizer(QuantizerBase):
         self.inner = inner
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return self.inner(w)
-
-    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
         return self.inner(w)
 
     def get_bitwidth(self):
@@ -51,8 +49,6 @@ def attach_weight_quantizers(
     class / callable returning an nn.Module with ``forward(w) -> w_hat``.
     Returns the names of the quantized modules.
     """
-    from codeq.registry import QUANTIZER_REGISTRY
-
     if isinstance(exclude_layers, str):
         exclude_layers = [exclude_layers]
     exclude = [str(e) for e in (exclude_layers or [])]
@@ -99,11 +95,3 @@ def toggle_quantization(model: nn.Module, enabled: bool) -> int:
         q.enabled = bool(enabled)
         n += 1
     return n
-
-
-@torch.no_grad()
-def original_weight(module: nn.Module) -> torch.Tensor:
-    """The full-precision weight behind a parametrized module's weight."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight

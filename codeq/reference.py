@@ -1,9 +1,11 @@
 """The published CoDeQ math in plain, eager PyTorch: the test oracle and the
 baseline of every benchmark.
 
-This module follows ``spec/quantizer-math.md`` line by line and never calls the
-compiled extension.  The fused classes in :mod:`codeq.quantizers` and
-:func:`codeq.losses.group_lasso` must match it under the parity contract.
+This module follows ``docs/quantizer-math.md`` line by line and uses nothing
+of codeq (its quantizers fall back to it where the compiled kernels do not run:
+another device, or no extension).  The kernels must match it under the parity
+contract of that document.  Arguments and parameter names are those of
+:class:`codeq.DeadZoneLDZCompander` / :class:`codeq.UniformSymmetric`.
 
 Straight-through estimators are small ``torch.autograd.Function`` classes, so
 that the forward value is exactly ``round``/``clamp``/``relu`` (no
@@ -29,12 +31,14 @@ import torch
 from torch import nn
 
 __all__ = [
+    "QUANTILE",
+    "compute_dtype",
     "abs_quantile",
-    "QuantizerBase",
-    "DeadZoneLDZCompander",
-    "UniformSymmetric",
+    "deadzone_bitwidth",
+    "deadzone_scalars",
+    "deadzone_quantize",
+    "uniform_quantize",
     "group_lasso",
-    "group_lasso_layers",
     "group_lasso_of",
 ]
 
@@ -52,18 +56,6 @@ class _RoundSTE(torch.autograd.Function):
         return g
 
 
-class _ClampSTE(torch.autograd.Function):
-    """clamp(x, -Q, Q) whose gradient passes unchanged; the bounds get none."""
-
-    @staticmethod
-    def forward(ctx, x, lo, hi):
-        return torch.clamp(x, lo, hi)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None, None
-
-
 class _ReluSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -74,8 +66,16 @@ class _ReluSTE(torch.autograd.Function):
         return g
 
 
-round_ste = _RoundSTE.apply
-relu_ste = _ReluSTE.apply
+class _ClampSTE(torch.autograd.Function):
+    """clamp(x, -Q, Q) whose gradient passes unchanged; the bounds get none."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
 
 
 class _ClampMasked(torch.autograd.Function):
@@ -96,6 +96,8 @@ class _ClampMasked(torch.autograd.Function):
         return torch.where((x >= ctx.lo) & (x <= ctx.hi), g, torch.zeros_like(g)), None, None
 
 
+round_ste = _RoundSTE.apply
+relu_ste = _ReluSTE.apply
 clamp_masked = _ClampMasked.apply
 
 
@@ -144,182 +146,79 @@ def abs_quantile(x: torch.Tensor, q: float = QUANTILE) -> torch.Tensor:
         return torch.where(torch.isnan(v[-1]), torch.full_like(a, float("nan")), a)
 
 
-# ------------------------------------------------------------------- base --
-class QuantizerBase(nn.Module):
-    """A weight quantizer: ``forward(w) -> w_hat`` while ``enabled``, else ``w``.
-    Subclasses implement ``_reference_quantize``; the fused subclasses in
-    codeq.quantizers override ``_quantize``."""
-
-    def __init__(self):
-        super().__init__()
-        self.enabled = True
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        return self._quantize(w)
-
-    def _quantize(self, w: torch.Tensor) -> torch.Tensor:
-        return self._reference_quantize(w)
-
-    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
 # ---------------------------------------------------------------- dead zone --
-class DeadZoneLDZCompander(QuantizerBase):
-    """CoDeQ dead-zone compander with a learnable dead-zone width (``logit_dz``)
-    and a learnable bit-width (``logit_bit``).  Pure-PyTorch reference."""
+def deadzone_bitwidth(logit_bit: torch.Tensor, fixed_bit: float = 4, min_bits: float = 2, max_bits: float = 8,
+                      learnable_bit: bool = True) -> torch.Tensor:
+    """B as a 0-dim tensor of logit_bit's dtype, with the straight-through
+    gradient to logit_bit when learnable (step 2)."""
+    if learnable_bit:
+        t = torch.tanh(logit_bit)
+        return round_ste((float(max_bits) - float(min_bits)) * t.abs() + float(min_bits))
+    return torch.tensor(float(fixed_bit), dtype=logit_bit.dtype, device=logit_bit.device)
 
-    def __init__(
-        self,
-        fixed_bit_val: int = 4,
-        max_bits: int = 8,
-        init_deadzone_logit: float = 3.0,
-        init_bit_logit: float = 3.0,
-        learnable_bit: bool = True,
-        learnable_deadzone: bool = True,
-        min_bits: int = 2,
-    ):
-        super().__init__()
-        for name, v in (("fixed_bit_val", fixed_bit_val), ("max_bits", max_bits), ("min_bits", min_bits)):
-            if isinstance(v, bool) or not float(v).is_integer() or not 2 <= int(v) <= 16:
-                raise ValueError(f"DeadZoneLDZCompander: {name} must be an integer in [2, 16], got {v!r}")
-        if int(min_bits) > int(max_bits):
-            raise ValueError(f"DeadZoneLDZCompander: min_bits ({min_bits}) exceeds max_bits ({max_bits})")
-        self.learnable_bit = bool(learnable_bit)
-        self.learnable_deadzone = bool(learnable_deadzone)
-        self.logit_dz = nn.Parameter(torch.tensor(float(init_deadzone_logit)), requires_grad=self.learnable_deadzone)
-        self.logit_bit = nn.Parameter(torch.tensor(float(init_bit_logit)), requires_grad=self.learnable_bit)
-        self.register_buffer("fixed_bit", torch.tensor(float(fixed_bit_val)))
-        self.register_buffer("max_bits", torch.tensor(float(max_bits)))
-        self.register_buffer("min_bits", torch.tensor(float(min_bits)))
-        # Python copies of the buffers: read in forward without a device sync.
-        self._cfg = (float(fixed_bit_val), float(min_bits), float(max_bits))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._cfg = (float(self.fixed_bit), float(self.min_bits), float(self.max_bits))
+def deadzone_scalars(x: torch.Tensor, logit_dz: torch.Tensor, logit_bit: torch.Tensor, fixed_bit: float = 4,
+                     min_bits: float = 2, max_bits: float = 8, learnable_bit: bool = True) -> dict:
+    """Steps 1-6 for the weight x (in its compute dtype): a, B, d, Q, s, delta as
+    0-dim tensors, differentiable in the logits."""
+    a = abs_quantile(x)  # 1. no gradient
+    B = deadzone_bitwidth(logit_bit, fixed_bit, min_bits, max_bits, learnable_bit)  # 2.
+    d = 2 * a * (1 - torch.tanh(logit_dz).abs())  # 3.
+    Q = 2 ** (B - 1) - 1  # 4.
+    s = (a - d / 2) / (Q - 0.5) + 1e-8  # 5.
+    delta = d / 2 - s / 2  # 6.
+    return {"a": a, "B": B, "d": d, "Q": Q, "s": s, "delta": delta}
 
-    def extra_repr(self) -> str:
-        fixed, lo, hi = self._cfg
-        bits = f"bits={lo:g}..{hi:g} learnable" if self.learnable_bit else f"bits={fixed:g} fixed"
-        return f"{bits}, learnable_deadzone={self.learnable_deadzone}, enabled={self.enabled}"
 
-    # helpers -----------------------------------------------------------------
-    def _bitwidth(self) -> torch.Tensor:
-        """B as a 0-dim tensor, with the straight-through gradient to logit_bit."""
-        if self.learnable_bit:
-            t = torch.tanh(self.logit_bit)
-            return round_ste((self.max_bits - self.min_bits) * t.abs() + self.min_bits)
-        return self.fixed_bit
-
-    @torch.no_grad()
-    def get_bitwidth(self) -> torch.Tensor:
-        """Current bit-width B (0-dim tensor, no gradient)."""
-        return self._bitwidth().detach().clone()
-
-    @torch.no_grad()
-    def get_deadzone_fraction(self) -> torch.Tensor:
-        """d / (2a) = 1 - |tanh(logit_dz)|: the dead zone as a fraction of the clipping range."""
-        return 1 - torch.tanh(self.logit_dz).abs()
-
-    @torch.no_grad()
-    def get_deadzone_width(self, w: torch.Tensor) -> torch.Tensor:
-        """Dead-zone width d = 2a(1 - |tanh(logit_dz)|) for the weight w."""
-        x = w.detach().to(compute_dtype(w.dtype))
-        return 2 * abs_quantile(x) * (1 - torch.tanh(self.logit_dz).abs())
-
-    @torch.no_grad()
-    def get_scalars(self, w: torch.Tensor) -> dict:
-        """a, B, d, Q, s, delta of this quantizer for the weight w (0-dim tensors)."""
-        return self._scalars(w.detach().to(compute_dtype(w.dtype)))
-
-    def _scalars(self, x: torch.Tensor) -> dict:
-        a = abs_quantile(x)  # 1. no gradient
-        B = self._bitwidth()  # 2.
-        d = 2 * a * (1 - torch.tanh(self.logit_dz).abs())  # 3.
-        Q = 2 ** (B - 1) - 1  # 4.
-        s = (a - d / 2) / (Q - 0.5) + 1e-8  # 5.
-        delta = d / 2 - s / 2  # 6.
-        return {"a": a, "B": B, "d": d, "Q": Q, "s": s, "delta": delta}
-
-    # math --------------------------------------------------------------------
-    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        x = w.to(compute_dtype(w.dtype))
-        sc = self._scalars(x)  # steps 1-6
-        s, delta, Q = sc["s"], sc["delta"], sc["Q"]
-        u = torch.sign(x) * relu_ste(x.abs() - delta)  # 7.
-        q = clamp_ste(round_ste(u / s), -Q, Q)  # 8.
-        w_hat = s * q + delta * torch.sign(q)  # 9.
-        return w_hat.to(w.dtype)
+def deadzone_quantize(w: torch.Tensor, logit_dz: torch.Tensor, logit_bit: torch.Tensor, fixed_bit: float = 4,
+                      min_bits: float = 2, max_bits: float = 8, learnable_bit: bool = True) -> torch.Tensor:
+    """The dead-zone compander's ŵ for the weight w (steps 1-9), differentiable
+    in w and both logits."""
+    x = w.to(compute_dtype(w.dtype))
+    sc = deadzone_scalars(x, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit)  # steps 1-6
+    s, delta, Q = sc["s"], sc["delta"], sc["Q"]
+    u = torch.sign(x) * relu_ste(x.abs() - delta)  # 7.
+    q = clamp_ste(round_ste(u / s), -Q, Q)  # 8.
+    w_hat = s * q + delta * torch.sign(q)  # 9.
+    return w_hat.to(w.dtype)
 
 
 # ------------------------------------------------------------------ uniform --
-class UniformSymmetric(QuantizerBase):
-    """Fixed-bit-width uniform symmetric quantizer (max-abs scaling).  Pure-PyTorch reference."""
-
-    def __init__(self, bitwidth: int = 8):
-        super().__init__()
-        if isinstance(bitwidth, bool) or not float(bitwidth).is_integer() or not 2 <= int(bitwidth) <= 16:
-            raise ValueError(f"UniformSymmetric: bitwidth must be an integer in [2, 16], got {bitwidth!r}")
-        self.bitwidth = int(bitwidth)
-
-    def extra_repr(self) -> str:
-        return f"bitwidth={self.bitwidth}, enabled={self.enabled}"
-
-    @torch.no_grad()
-    def get_bitwidth(self) -> torch.Tensor:
-        return torch.tensor(float(self.bitwidth))
-
-    def _reference_quantize(self, w: torch.Tensor) -> torch.Tensor:
-        x = w.to(compute_dtype(w.dtype))
-        a = x.detach().abs().amax()
-        Qf = float(2 ** (self.bitwidth - 1) - 1)
-        Q = torch.tensor(Qf, dtype=x.dtype, device=x.device)
-        zero = a == 0
-        s = torch.where(zero, torch.ones_like(a), a / Q)
-        # the published code's plain torch.clamp: the gradient is masked outside [-Q, Q] (spec)
-        w_hat = s * clamp_masked(round_ste(x / s), -Qf, Qf)
-        w_hat = torch.where(zero, torch.zeros_like(w_hat), w_hat)
-        return w_hat.to(w.dtype)
+def uniform_quantize(w: torch.Tensor, bitwidth: int = 8) -> torch.Tensor:
+    """The uniform symmetric quantizer (max-abs scaling) of w."""
+    x = w.to(compute_dtype(w.dtype))
+    a = x.detach().abs().amax()
+    Qf = float(2 ** (int(bitwidth) - 1) - 1)
+    Q = torch.tensor(Qf, dtype=x.dtype, device=x.device)
+    zero = a == 0
+    s = torch.where(zero, torch.ones_like(a), a / Q)
+    # the published code's plain torch.clamp: the gradient is masked outside [-Q, Q] (spec)
+    w_hat = s * clamp_masked(round_ste(x / s), -Qf, Qf)
+    w_hat = torch.where(zero, torch.zeros_like(w_hat), w_hat)
+    return w_hat.to(w.dtype)
 
 
 # -------------------------------------------------------------- group lasso --
-def group_lasso_layers(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4):
-    """(weight, lambda) for every nn.Linear / nn.Conv2d whose lambda is non-zero.
-
-    ``module.weight`` is the weight the forward pass uses: for a layer with an
-    attached quantizer that is the quantized weight.
-    """
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            lam = float(lambda_linear)
-        elif isinstance(m, nn.Conv2d):
-            lam = float(lambda_conv)
-        else:
-            continue
-        if lam != 0.0:
-            out.append((m.weight, lam))
-    return out
-
-
 def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> torch.Tensor:
     """lambda_linear * sum_j ||W[:, j]||_2 over nn.Linear layers plus lambda_conv *
-    sum_j ||W.reshape(out, -1)[:, j]||_2 over nn.Conv2d layers."""
-    return group_lasso_of(group_lasso_layers(model, lambda_linear, lambda_conv), model)
+    sum_j ||W.reshape(out, -1)[:, j]||_2 over nn.Conv2d layers, on the weights
+    the forward pass uses (``module.weight``: the quantized weight where a
+    quantizer is attached)."""
+    layers = []
+    for m in model.modules():
+        lam = float(lambda_linear) if isinstance(m, nn.Linear) else float(lambda_conv) if isinstance(m, nn.Conv2d) else 0.0
+        if lam != 0.0:
+            layers.append((m.weight, lam))
+    p = next(iter(model.parameters()), None)
+    return group_lasso_of(layers, device=p.device if p is not None else None)
 
 
-def group_lasso_of(layers, model: nn.Module | None = None) -> torch.Tensor:
-    """The group lasso of a list of (weight, lambda) pairs."""
+def group_lasso_of(layers, device=None) -> torch.Tensor:
+    """The group lasso of a list of (weight, lambda) pairs (0 on ``device`` for none)."""
     total = None
     for w, lam in layers:
         x = w.to(compute_dtype(w.dtype))
         norms = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=0)
         term = lam * norms.sum()
         total = term if total is None else total + term
-    if total is None:
-        p = next(iter(model.parameters()), None) if model is not None else None
-        return torch.zeros((), device=p.device if p is not None else "cpu")
-    return total
+    return total if total is not None else torch.zeros((), device=device)

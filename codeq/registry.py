@@ -1,41 +1,71 @@
-"""Registries of quantizers and loss terms.  Adding an entry is one decorator
-(``@register_quantizer("name")``) or one dict assignment."""
+"""The registries: names a YAML config may use, and what they build.
+
+A leaf module: it imports nothing of codeq.  Quantizers, loss terms, models,
+data sets, optimizers and LR schedulers register into it where they are
+defined (``codeq/quantizers.py``, ``codeq/losses.py``, ``codeq/models.py``,
+``codeq/train/data.py``, ``codeq/train/optim.py``); adding an entry is one
+decorator::
+
+    @register_model("lenet")
+    def lenet(num_classes=10, img_size=32, width=6): ...
+
+or one assignment (``OPTIMIZER_REGISTRY["rmsprop"] = torch.optim.RMSprop``).
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from codeq.losses import group_lasso, theta_l2
-from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
+__all__ = [
+    "QUANTIZER_REGISTRY",
+    "LOSS_REGISTRY",
+    "MODEL_REGISTRY",
+    "DATASET_REGISTRY",
+    "OPTIMIZER_REGISTRY",
+    "SCHEDULER_REGISTRY",
+    "register_quantizer",
+    "register_loss",
+    "register_model",
+    "register_dataset",
+]
 
-__all__ = ["QUANTIZER_REGISTRY", "LOSS_REGISTRY", "register_quantizer", "register_loss"]
+# name -> class or callable(**kwargs) -> nn.Module with forward(w) -> w_hat
+QUANTIZER_REGISTRY: dict[str, Callable] = {}
+# name -> fn(model, **kwargs) -> scalar tensor
+LOSS_REGISTRY: dict[str, Callable] = {}
+# name -> fn(num_classes=..., img_size=..., **model_kwargs) -> nn.Module
+MODEL_REGISTRY: dict[str, Callable] = {}
+# name -> fn(cfg) -> (train_dataset, val_dataset)
+DATASET_REGISTRY: dict[str, Callable] = {}
+# name -> torch.optim.Optimizer class
+OPTIMIZER_REGISTRY: dict[str, type] = {}
+# name -> fn(optimizer, cfg) -> LR scheduler (stepped once per epoch) or None
+SCHEDULER_REGISTRY: dict[str, Callable] = {}
 
-QUANTIZER_REGISTRY: dict[str, Callable] = {
-    "deadzone": DeadZoneLDZCompander,
-    "uniform": UniformSymmetric,
-}
 
-LOSS_REGISTRY: dict[str, Callable] = {
-    "group_lasso": group_lasso,
-    "theta_l2": theta_l2,
-}
+def _register(registry: dict, name: str):
+    def deco(obj):
+        registry[name] = obj
+        return obj
+
+    return deco
 
 
 def register_quantizer(name: str):
     """Class decorator: ``@register_quantizer("mine") class Mine(nn.Module): ...``"""
-
-    def deco(cls):
-        QUANTIZER_REGISTRY[name] = cls
-        return cls
-
-    return deco
+    return _register(QUANTIZER_REGISTRY, name)
 
 
 def register_loss(name: str):
     """Function decorator: ``@register_loss("l1") def l1(model, **kw) -> Tensor``"""
+    return _register(LOSS_REGISTRY, name)
 
-    def deco(fn):
-        LOSS_REGISTRY[name] = fn
-        return fn
 
-    return deco
+def register_model(name: str):
+    """Function decorator: ``fn(num_classes=10, img_size=32, **model_kwargs) -> nn.Module``"""
+    return _register(MODEL_REGISTRY, name)
+
+
+def register_dataset(name: str):
+    """Function decorator: ``fn(cfg) -> (train_dataset, val_dataset)``"""
+    return _register(DATASET_REGISTRY, name)

@@ -24,6 +24,7 @@ Command line: ``python -m codeq.report CHECKPOINT [--out DIR] [--act-bits 32]``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -33,10 +34,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq._io import atomic_write_bytes
+from codeq._io import atomic_write_bytes, json_safe
+from codeq.checkpoint import load_model
+from codeq.errors import ConfigError
+from codeq.models import example_input
 from codeq.parametrize import iter_quantizers
 
-__all__ = ["compression_report", "format_report", "save_report", "main", "ReportError"]
+__all__ = ["compression_report", "format_report", "render_png", "save_report", "main", "ReportError"]
 
 DENSE_BITS = 32
 
@@ -282,19 +286,6 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- files --
-_atomic_write = atomic_write_bytes
-
-
-def _json_clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_clean(v) for v in x]
-    return x
-
-
 def _font(size: int):
     from PIL import ImageFont
 
@@ -370,48 +361,17 @@ def render_png(report: dict, width: int = 1000):
 def save_report(report: dict, out_dir: str, stem: str = "compression_report") -> dict:
     """Write ``<stem>.json`` and ``<stem>.png`` into ``out_dir`` (created if
     needed), each atomically.  Returns ``{"json": path, "png": path}``."""
-    import io
-
     os.makedirs(out_dir, exist_ok=True)
     jpath = os.path.join(out_dir, f"{stem}.json")
     ppath = os.path.join(out_dir, f"{stem}.png")
-    _atomic_write(jpath, (json.dumps(_json_clean(report), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(jpath, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
     buf = io.BytesIO()
     render_png(report).save(buf, format="PNG")
-    _atomic_write(ppath, buf.getvalue())
+    atomic_write_bytes(ppath, buf.getvalue())
     return {"json": jpath, "png": ppath}
 
 
 # ------------------------------------------------------------------ CLI --
-def load_trained_model(path: str, map_location="cpu"):
-    """(model, cfg, checkpoint) of a trainer checkpoint, quantizers attached and
-    the trained state loaded.  Raises ReportError with a one-line message."""
-    if not os.path.exists(path):
-        raise ReportError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise ReportError(f"{path} is a directory, not a checkpoint file")
-    try:
-        from codeq.train import build as _build
-        from codeq.train.checkpoint import load_checkpoint
-        from codeq.train.config import config_from_dict
-    except ImportError as e:  # pragma: no cover - depends on the trainer being installed
-        raise ReportError(f"the trainer (codeq.train) is not available: {e}") from None
-    try:
-        ckpt = load_checkpoint(path, map_location=map_location)
-    except Exception as e:
-        raise ReportError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ReportError(f"{path} is not a codeq trainer checkpoint (no 'model'/'config' entries)")
-    try:
-        cfg = config_from_dict(ckpt["config"])
-        model = _build.build_model(cfg)
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:
-        raise ReportError(f"cannot rebuild the model of {path}: {_one_line(e)}") from None
-    model.eval()
-    return model, cfg, ckpt
-
-
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg if len(msg) <= 300 else msg[:297] + "..."
@@ -428,12 +388,14 @@ def main(argv=None) -> int:
     try:
         if not args.act_bits > 0:
             raise ReportError(f"--act-bits must be positive, got {args.act_bits:g}")
-        model, cfg, _ = load_trained_model(args.checkpoint)
-        from codeq.train.build import example_input
-
+        if os.path.isdir(args.checkpoint):
+            raise ReportError(f"{args.checkpoint} is a directory, not a checkpoint file")
         try:
-            x = example_input(cfg, batch_size=1)
-            rep = compression_report(model, x, act_bits=args.act_bits)
+            model, config, _ = load_model(args.checkpoint)
+        except ConfigError as e:
+            raise ReportError(str(e)) from None
+        try:
+            rep = compression_report(model, example_input(int(config.get("img_size", 32))), act_bits=args.act_bits)
         except ReportError:
             raise
         except Exception as e:

@@ -1,10 +1,10 @@
-// Operator schemas of the codeq namespace and the Python module codeq._C.
+// The codeq operators: their schemas, defined here once, and the Python
+// module codeq._C.
 //
-// The schemas are defined here, once; each backend registers its kernels in
-// its own file (csrc/cpu/*.cpp with TORCH_LIBRARY_IMPL(codeq, CPU, ...),
-// csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(codeq, CUDA, ...)).  Fake (meta)
-// kernels and most autograd live in codeq/ops.py; csrc/autograd.cpp holds the
-// C++ autograd node of deadzone_multi.
+// Each backend registers its kernels in its own files (csrc/cpu/*.cpp with
+// TORCH_LIBRARY_IMPL(codeq, CPU, ...), csrc/cuda/*.cu with
+// TORCH_LIBRARY_IMPL(codeq, CUDA, ...)); csrc/autograd.cpp registers the
+// autograd of the differentiable ops; codeq/ops.py their fake kernels.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -19,56 +19,32 @@
 TORCH_LIBRARY(codeq, m) {
   m.set_python_module("codeq.ops");
   // q-quantile of |x| (exact, as torch.quantile of the flattened |x|); 0-dim,
-  // dtype float32 (float64 for float64 x).
+  // float32 (float64 for float64 x).  No gradient.
   m.def("abs_quantile(Tensor x, float q) -> Tensor");
-  // Dead-zone compander forward: returns (w_hat, scalars) with
-  // scalars = [a, B, d, Q, s, delta] in the compute dtype.
+  // The dead-zone compander of every weight in w (one entry per weight in each
+  // list), and the group lasso of the quantized weights:
+  // (w_hat[], gl_loss, scalars[], norms[]) with scalars[l] = [a, B, d, Q, s,
+  // delta] in the compute dtype, gl_loss = sum_l gl_lambda[l] * sum_j
+  // ||w_hat_l[:, j]|| over the layers whose gl_lambda is not 0, and norms[l]
+  // their column norms (empty for the others).  Differentiable in w, logit_dz
+  // and logit_bit through w_hat and gl_loss.
   m.def(
-      "deadzone_forward(Tensor w, Tensor logit_dz, Tensor logit_bit, float fixed_bit, float min_bits, "
-      "float max_bits, bool learnable_bit) -> (Tensor, Tensor)");
-  // Backward: (dL/dw, dL/dlogit_dz, dL/dlogit_bit) in one pass over w.
-  m.def(
-      "deadzone_backward(Tensor grad, Tensor w, Tensor scalars, Tensor logit_dz, Tensor logit_bit, "
-      "float min_bits, float max_bits, bool learnable_bit) -> (Tensor, Tensor, Tensor)");
-  // Uniform symmetric quantizer: returns (w_hat, [a, s]).
-  m.def("uniform_forward(Tensor w, int bitwidth) -> (Tensor, Tensor)");
-  m.def("uniform_backward(Tensor grad, Tensor w, Tensor scale, int bitwidth) -> Tensor");
-  // Group lasso over many layers at once: (sum_l lambda_l * sum_j ||W_l[:, j]||, column norms per layer).
-  m.def("group_lasso_forward(Tensor[] weights, float[] lambdas) -> (Tensor, Tensor[])");
-  m.def("group_lasso_backward(Tensor grad, Tensor[] weights, Tensor[] norms, float[] lambdas) -> Tensor[]");
-  // Many dead-zone quantizers in one call (csrc/multi.cpp), with the group
-  // lasso of their outputs: (w_hat[], scalars[], norms[], gl_loss), where
-  // gl_loss = sum_l gl_lambda[l] * sum_j ||w_hat_l[:, j]|| over the layers with
-  // gl_lambda[l] != 0 (norms[l] is empty for the others).
-  m.def(
-      "deadzone_forward_multi(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
-      "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
-      "-> (Tensor[], Tensor[], Tensor[], Tensor)");
-  // The same, composed of deadzone_forward + group_lasso_forward (the CUDA
-  // kernel of deadzone_forward_multi; the CPU oracle of the fused one).
-  m.def(
-      "deadzone_forward_multi_unfused(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, "
-      "float[] min_bits, float[] max_bits, bool[] learnable_bit, float[] gl_lambda) "
-      "-> (Tensor[], Tensor[], Tensor[], Tensor)");
-  // deadzone_forward_multi with autograd (csrc/autograd.cpp, a C++ node):
-  // (w_hat[], gl_loss, scalars[], norms[]); gradients flow into w, logit_dz and
-  // logit_bit from w_hat and gl_loss.  The eager training fast path uses it.
-  m.def(
-      "deadzone_multi(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, float[] min_bits, "
+      "deadzone_forward(Tensor[] w, Tensor[] logit_dz, Tensor[] logit_bit, float[] fixed_bit, float[] min_bits, "
       "float[] max_bits, bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor, Tensor[], Tensor[])");
-  // Its backward: the group-lasso gradient (gl_grad * lambda * w_hat / norm) is
-  // added to grad[l] and the dead-zone backward applied, layer by layer; the CPU
-  // kernel fuses the two.  Returns (dL/dw[], dL/dlogit_dz[], dL/dlogit_bit[]).
+  // Its backward, one pass per layer: the group lasso's gradient
+  // gl_grad * lambda * w_hat / ||w_hat[:, j]|| added to grad[l], then the
+  // dead-zone backward.  (dL/dw[], dL/dlogit_dz[], dL/dlogit_bit[]).
   m.def(
-      "deadzone_backward_multi(Tensor[] grad, Tensor gl_grad, Tensor[] w, Tensor[] w_hat, Tensor[] scalars, "
+      "deadzone_backward(Tensor[] grad, Tensor gl_grad, Tensor[] w, Tensor[] w_hat, Tensor[] scalars, "
       "Tensor[] norms, Tensor[] logit_dz, Tensor[] logit_bit, float[] min_bits, float[] max_bits, "
       "bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor[], Tensor[])");
-  // The same, composed of group_lasso_backward + add + deadzone_backward (the
-  // CUDA kernel of deadzone_backward_multi; the CPU oracle of the fused one).
-  m.def(
-      "deadzone_backward_multi_unfused(Tensor[] grad, Tensor gl_grad, Tensor[] w, Tensor[] w_hat, "
-      "Tensor[] scalars, Tensor[] norms, Tensor[] logit_dz, Tensor[] logit_bit, float[] min_bits, "
-      "float[] max_bits, bool[] learnable_bit, float[] gl_lambda) -> (Tensor[], Tensor[], Tensor[])");
+  // Uniform symmetric quantizer: (w_hat, [a, s]).  Differentiable in w.
+  m.def("uniform_forward(Tensor w, int bitwidth) -> (Tensor, Tensor)");
+  m.def("uniform_backward(Tensor grad, Tensor w, Tensor scale, int bitwidth) -> Tensor");
+  // Group lasso over many layers: (sum_l lambdas[l] * sum_j ||W_l[:, j]||, the
+  // column norms of each layer).  Differentiable in the weights.
+  m.def("group_lasso_forward(Tensor[] weights, float[] lambdas) -> (Tensor, Tensor[])");
+  m.def("group_lasso_backward(Tensor grad, Tensor[] weights, Tensor[] norms, float[] lambdas) -> Tensor[]");
 }
 
 namespace {
@@ -101,9 +77,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "quantile_hint_stats",
       [] {
-        std::lock_guard<std::mutex> lock(codeq::cpu::hint_mutex());
-        const auto& st = codeq::cpu::hint_stats();
-        return std::make_pair(st.hits, st.misses);
+        auto& h = codeq::cpu::quantile_hints();
+        std::lock_guard<std::mutex> lock(h.mutex);
+        return std::make_pair(h.hits, h.misses);
       },
-      "(hits, misses) of the CPU quantile's previous-result hints in this process");
+      "(hits, misses) of the CPU quantile's window around its previous answer in this process");
+  m.def(
+      "quantile_hints_clear",
+      [] {
+        auto& h = codeq::cpu::quantile_hints();
+        std::lock_guard<std::mutex> lock(h.mutex);
+        h.map.clear();
+      },
+      "Forget the CPU quantile's previous answers (its next calls take the radix select)");
 }

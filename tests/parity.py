@@ -1,5 +1,5 @@
-"""Helpers implementing the parity contract of spec/quantizer-math.md:
-fused kernels vs the pure-PyTorch reference (codeq.reference)."""
+"""Helpers implementing the parity contract of docs/quantizer-math.md: the
+compiled kernels vs the pure-PyTorch reference (codeq.reference)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def make_pair(learnable_bit=True, learnable_deadzone=True, fixed_bit_val=4, max_
               device="cpu"):
     kw = dict(fixed_bit_val=fixed_bit_val, max_bits=max_bits, init_deadzone_logit=theta_dz,
               init_bit_logit=theta_bit, learnable_bit=learnable_bit, learnable_deadzone=learnable_deadzone)
-    return codeq.DeadZoneLDZCompander(**kw).to(device), R.DeadZoneLDZCompander(**kw).to(device)
+    return codeq.DeadZoneLDZCompander(**kw).to(device), codeq.DeadZoneLDZCompander(**kw, reference=True).to(device)
 
 
 def run(q, w, g):

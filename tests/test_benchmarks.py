@@ -52,6 +52,19 @@ def test_bench_train_step_writes_json(tmp_path, bench_path):
     assert bench_train_step.main(["--device", "cpu", "--variants", "baseline,codeq_qat_gl_graph"]) == 2  # CUDA only
 
 
+def test_ab_special_paths_writes_json(tmp_path, bench_path, capsys):
+    import ab_special_paths
+
+    out = tmp_path / "ab.json"
+    assert ab_special_paths.main(["--device", "cpu", "--model", "mlp", "--batch", "8", "--rounds", "1", "--block", "2",
+                                  "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ab_special_paths.VARIANTS
+    assert all(r["median_ms"] > 0 and r["steps"] == 1 for r in rows)
+    assert rows[1]["change_vs_all_on"] == 0.0
+    assert ab_special_paths.main(["--variants", "baseline,nope"]) == 2
+
+
 def test_profile_step_writes_json(tmp_path, bench_path, capsys):
     import profile_step
 

@@ -145,8 +145,8 @@ def test_defaults_and_round_trip(tmp_path):
     cfg = config_from_dict(base_dict(tmp_path))
     assert cfg.seed == 0 and cfg.lr_scheduler == "cosine" and cfg.img_size == 32
     assert cfg.dataset.root == "data" and cfg.dataset.download is False and cfg.dataset.augment == "standard"
-    assert cfg.optimizer.bit is None and cfg.optimizer.dz.weight_decay == 2.5
-    assert cfg.optimizer.base.weight_decay == 0.0
+    assert cfg.optimizer.param_groups.bit is None and cfg.optimizer.param_groups.dz.weight_decay == 2.5
+    assert cfg.optimizer.param_groups.base.weight_decay == 0.0
     assert cfg.loss_terms[0].lam == 1.0 and cfg.loss_terms[0].kwargs == {"lambda_linear": 0.001}
     d = config_to_dict(cfg)
     assert config_from_dict(copy.deepcopy(d)) == cfg
@@ -160,7 +160,7 @@ def test_bool_accepts_0_1_and_lists_of_betas(tmp_path):
     d["optimizer"]["param_groups"]["base"]["betas"] = [0.8, 0.99]
     cfg = config_from_dict(d)
     assert cfg.use_compile is False
-    assert cfg.optimizer.base.hparams()["betas"] == (0.8, 0.99)
+    assert cfg.optimizer.param_groups.base.hparams()["betas"] == (0.8, 0.99)
 
 
 def test_set_overrides_parse_yaml_scalars(tmp_path):
@@ -170,9 +170,9 @@ def test_set_overrides_parse_yaml_scalars(tmp_path):
         "epochs=7", "optimizer.param_groups.base.lr=1e-2", "dataset.download=true", "run_name=abc",
         "loss_terms.0.lambda=0.5", "model_kwargs.hidden=[4, 5]", "optimizer.param_groups.bit.lr=0.002",
     ], device="cpu")
-    assert cfg.epochs == 7 and cfg.optimizer.base.lr == 0.01 and cfg.dataset.download is True
+    assert cfg.epochs == 7 and cfg.optimizer.param_groups.base.lr == 0.01 and cfg.dataset.download is True
     assert cfg.run_name == "abc" and cfg.loss_terms[0].lam == 0.5 and cfg.model_kwargs == {"hidden": [4, 5]}
-    assert cfg.optimizer.bit.lr == 0.002  # a new group created by --set
+    assert cfg.optimizer.param_groups.bit.lr == 0.002  # a new group created by --set
     with pytest.raises(ConfigError, match="index"):
         apply_overrides(base_dict(tmp_path), ["loss_terms.3.lambda=1"])
 
@@ -191,9 +191,9 @@ def test_shipped_configs_validate():
         assert cfg.epochs >= 1
     dz = load_config(os.path.join(REPO, "configs", "deadzone_resnet20.yaml"))
     assert dz.quantizer.name == "deadzone" and dz.quantizer.exclude_layers == ["bn"]
-    assert dz.optimizer.dz.weight_decay == 2.5 and dz.loss_terms[0].kwargs == {"lambda_linear": 0.1, "lambda_conv": 0.1}
+    assert dz.optimizer.param_groups.dz.weight_decay == 2.5 and dz.loss_terms[0].kwargs == {"lambda_linear": 0.1, "lambda_conv": 0.1}
     base = load_config(os.path.join(REPO, "configs", "baseline_resnet20.yaml"))
-    assert base.quantizer is None and base.optimizer.type == "sgd" and base.optimizer.base.extra == {"momentum": 0.9}
+    assert base.quantizer is None and base.optimizer.type == "sgd" and base.optimizer.param_groups.base.extra == {"momentum": 0.9}
     vit = load_config(os.path.join(REPO, "configs", "deadzone_vit.yaml"))
     assert vit.img_size == 224 and vit.quantizer.exclude_layers == ["norm"]
     bm = load_config(os.path.join(REPO, "configs", "baseline_mlp.yaml"))
@@ -206,30 +206,30 @@ def test_exponent_floats_in_yaml_are_numbers(tmp_path):
     assert "lr: 1e-3" in text
     p = tmp_path / "c.yaml"
     p.write_text(text)
-    assert load_config(str(p)).optimizer.base.lr == 0.001
+    assert load_config(str(p)).optimizer.param_groups.base.lr == 0.001
 
 
 def test_cuda_graph_refuses_other_optimizer_classes(tmp_path, monkeypatch):
     """A registry entry under a graph-capable name that is not torch's Adam/AdamW/SGD."""
-    from codeq.train import build
+    from codeq.registry import OPTIMIZER_REGISTRY
 
-    monkeypatch.setitem(build.OPTIMIZER_REGISTRY, "sgd", torch.optim.RMSprop)
+    monkeypatch.setitem(OPTIMIZER_REGISTRY, "sgd", torch.optim.RMSprop)
     d = base_dict(tmp_path)
     d["optimizer"] = {"type": "sgd", "param_groups": {"base": {"lr": 0.01}}}
     d["cuda_graph"] = True
-    cfg = config_from_dict(d)
-    with pytest.raises(ConfigError, match="cuda_graph needs a torch Adam, AdamW or SGD"):
-        build.build_optimizer(cfg, build.build_model(cfg))
+    with pytest.raises(ConfigError, match="cuda_graph works with torch's Adam, AdamW and SGD"):
+        config_from_dict(d)
 
 
 def test_cuda_graph_builds_a_fused_capturable_adamw(tmp_path):
-    from codeq.train import build
+    from codeq.train.optim import build_optimizer
+    from codeq.train.trainer import build_run_model
 
     d = base_dict(tmp_path)
     d["cuda_graph"] = True
     cfg = config_from_dict(d)
     assert config_to_dict(cfg)["cuda_graph"] is True
-    opt = build.build_optimizer(cfg, build.build_model(cfg))
+    opt = build_optimizer(cfg, build_run_model(cfg))
     assert type(opt) is torch.optim.AdamW  # torch's own step (capturable), not the lean one
     assert opt.defaults["fused"] is True and opt.defaults["capturable"] is True
 
@@ -237,7 +237,7 @@ def test_cuda_graph_builds_a_fused_capturable_adamw(tmp_path):
 def test_cuda_graph_auto_is_off_where_graphs_cannot_run(tmp_path, capsys):
     """auto: on for one process on CUDA with a capturable optimizer; here (CPU, or with
     use_compile) it is off without a word, and the eager optimizer is the lean fused one."""
-    from codeq.train import build
+    from codeq.train.optim import graph_capable
     from codeq.train.trainer import Trainer
 
     d = base_dict(tmp_path / "runs")
@@ -249,10 +249,46 @@ def test_cuda_graph_auto_is_off_where_graphs_cannot_run(tmp_path, capsys):
     assert type(tr.optimizer).__module__ == "codeq.train.optim"  # not a capturable one
     d["use_compile"] = True
     assert config_from_dict(d).cuda_graph == "auto"  # no error: auto just stays off
-    assert not build.graph_capable(config_from_dict(d))
+    assert not graph_capable(config_from_dict(d))
     p = tmp_path / "c.yaml"
     d["use_compile"] = False
     p.write_text(yaml.safe_dump(d))
     assert main(["--config", str(p)]) == 0
     out = capsys.readouterr().out
     assert "model mlp on cpu" in out and "CUDA graphs" not in out
+
+
+def test_docs_config_table_is_the_schema():
+    """docs/TRAINING.md's reference table is generated from the schema (`make docs`)."""
+    from codeq.train.config import TABLE_END, TABLE_START, markdown_table
+
+    with open(os.path.join(REPO, "docs", "TRAINING.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert TABLE_START in text and TABLE_END in text
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert table == markdown_table(), "docs/TRAINING.md's config table differs from the schema: run `make docs`"
+
+
+def test_a_key_is_one_declaration(tmp_path):
+    """A key declared once (a field with key(...)) is read, checked, defaulted, written
+    back, suggested for a typo, documented and compared on resume without another line."""
+    import dataclasses
+
+    from codeq.train import config as C
+
+    @dataclasses.dataclass(kw_only=True)
+    class Extended(C.Config):
+        grad_clip: float | None = C.key(None, "clip gradients to this norm", minimum=0, resume=True)
+
+    d = base_dict(tmp_path)
+    assert C._section("", copy.deepcopy(d), Extended).grad_clip is None
+    d["grad_clip"] = 2
+    cfg = C._section("", copy.deepcopy(d), Extended)
+    assert cfg.grad_clip == 2.0 and C._to_plain(cfg)["grad_clip"] == 2.0
+    for value, message in ((-1, "grad_clip must be at least 0"), ("x", "grad_clip must be a number or null")):
+        with pytest.raises(ConfigError, match=message):
+            C._section("", dict(d, grad_clip=value), Extended)
+    with pytest.raises(ConfigError, match="did you mean 'grad_clip'"):
+        C._section("", dict(d, grad_clipp=1.0), Extended)
+    assert "grad_clip" in C.resume_keys(Extended)
+    assert any(row[0] == "grad_clip" and row[2] == "`null`" for row in C._rows(Extended, ""))

@@ -1,8 +1,8 @@
 """CUDA kernels of codeq vs the pure-PyTorch reference and vs the CPU kernels.
 
 Every test here needs a CUDA GPU and is skipped elsewhere (``pytest -m cuda``
-selects them).  What is checked (the parity contract of the spec,
-shared/spec/quantizer-math.md):
+selects them).  What is checked (the parity contract of
+docs/quantizer-math.md):
 
 - abs_quantile: CUDA == CPU op == reference, bitwise, for the four dtypes,
   shapes from 1 element to millions (and > 2^24, slow), ties, zeros, +-Inf, NaN;
@@ -151,7 +151,7 @@ def _pair(learnable_bit=True, learnable_dz=True, theta_dz=3.0, theta_bit=3.0, fi
     kw = dict(fixed_bit_val=fixed_bit, init_deadzone_logit=theta_dz, init_bit_logit=theta_bit,
               learnable_bit=learnable_bit, learnable_deadzone=learnable_dz)
     fused = codeq.DeadZoneLDZCompander(**kw).to(DEVICE)
-    ref = reference.DeadZoneLDZCompander(**kw).to(DEVICE)
+    ref = codeq.DeadZoneLDZCompander(**kw, reference=True).to(DEVICE)
     if dtype == torch.float64:
         fused, ref = fused.double(), ref.double()
     return fused, ref
@@ -225,9 +225,9 @@ def check_deadzone(w, learnable_bit=True, learnable_dz=True, theta_dz=3.0, theta
     if not torch.isfinite(w).all():
         return
     # Logit gradients vs the float64 reference (on the same device).
-    ref64 = reference.DeadZoneLDZCompander(fixed_bit_val=fixed_bit, init_deadzone_logit=theta_dz,
-                                           init_bit_logit=theta_bit, learnable_bit=learnable_bit,
-                                           learnable_deadzone=learnable_dz).to(w.device).double()
+    ref64 = codeq.DeadZoneLDZCompander(fixed_bit_val=fixed_bit, init_deadzone_logit=theta_dz,
+                                       init_bit_logit=theta_bit, learnable_bit=learnable_bit,
+                                       learnable_deadzone=learnable_dz, reference=True).to(w.device).double()
     _, _, gdz_64, gbit_64 = run_dz(ref64, w.double(), g.double())
     sc64 = ref64.get_scalars(w.double())
     x = w.double()
@@ -301,8 +301,9 @@ def test_deadzone_op_vs_cpu_op(dtype):
         for lb in (True, False):
             ldz = torch.tensor(2.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
             lbit = torch.tensor(1.2, dtype=ldz.dtype)
-            wh_d, sc_d = OPS.deadzone_forward(w, ldz.to(DEVICE), lbit.to(DEVICE), 4.0, 2.0, 8.0, lb)
-            wh_c, sc_c = OPS.deadzone_forward(w.cpu(), ldz, lbit, 4.0, 2.0, 8.0, lb)
+            cfg = ([4.0], [2.0], [8.0], [lb], [0.0])
+            (wh_d,), _, (sc_d,), _ = OPS.deadzone_forward([w], [ldz.to(DEVICE)], [lbit.to(DEVICE)], *cfg)
+            (wh_c,), _, (sc_c,), _ = OPS.deadzone_forward([w.cpu()], [ldz], [lbit], *cfg)
             assert sc_d.dtype == sc_c.dtype and sc_d.shape == (6,)
             assert_bitwise(sc_d[0].cpu(), sc_c[0], "a")  # the quantile: bitwise
             assert float(sc_d[1]) == float(sc_c[1])  # B
@@ -311,14 +312,19 @@ def test_deadzone_op_vs_cpu_op(dtype):
             sc = {k: sc_c[i] for i, k in enumerate(names)}
             compare_within_contract(wh_d, wh_c, w.cpu(), sc, dtype, "cuda vs cpu w_hat")
             g = torch.randn(w.shape, generator=_gen(2), dtype=torch.float64).to(dtype)
-            gw_d, gdz_d, gbit_d = OPS.deadzone_backward(g.to(DEVICE), w, sc_d, ldz.to(DEVICE), lbit.to(DEVICE), 2.0,
-                                                        8.0, lb)
-            gw_c, gdz_c, gbit_c = OPS.deadzone_backward(g, w.cpu(), sc_c, ldz, lbit, 2.0, 8.0, lb)
+
+            def backward(g, w, scalars, dev):
+                (gw,), (gdz,), (gbit,) = OPS.deadzone_backward(
+                    [g.to(dev)], torch.zeros((), device=dev), [w.to(dev)], [w.to(dev)], [scalars.to(dev)],
+                    [torch.empty(0, device=dev)], [ldz.to(dev)], [lbit.to(dev)], *cfg[1:])
+                return gw, gdz, gbit
+
+            gw_d, gdz_d, gbit_d = backward(g, w, sc_d, DEVICE)
+            gw_c, gdz_c, gbit_c = backward(g, w.cpu(), sc_c, "cpu")
             assert gdz_d.shape == () and gdz_d.dtype == ldz.dtype and gbit_d.dtype == lbit.dtype
             compare_within_contract(gw_d, gw_c, w.cpu(), sc, dtype, "cuda vs cpu dL/dw")
             # Same scalars in: the sums differ only by the summation order (double).
-            gw_d2, gdz_d2, gbit_d2 = OPS.deadzone_backward(g.to(DEVICE), w, sc_c.to(DEVICE), ldz.to(DEVICE),
-                                                           lbit.to(DEVICE), 2.0, 8.0, lb)
+            gw_d2, gdz_d2, gbit_d2 = backward(g, w, sc_c, DEVICE)
             assert_bitwise(gw_d2.cpu(), gw_c, "dL/dw with the same scalars")
             torch.testing.assert_close(gdz_d2.cpu(), gdz_c, rtol=1e-5, atol=1e-12)
             torch.testing.assert_close(gbit_d2.cpu(), gbit_c, rtol=1e-5, atol=1e-12)
@@ -346,7 +352,7 @@ def test_deadzone_backward_deterministic(n):
 @pytest.mark.parametrize("bitwidth", [2, 4, 8])
 def test_uniform_parity(dtype, n, bitwidth):
     w = make_weight(n, dtype, seed=n)
-    fused, ref = codeq.UniformSymmetric(bitwidth), reference.UniformSymmetric(bitwidth)
+    fused, ref = codeq.UniformSymmetric(bitwidth), codeq.UniformSymmetric(bitwidth, reference=True)
     g = torch.randn(w.shape, generator=_gen(1), dtype=torch.float64).to(dtype).to(DEVICE)
     outs = []
     for q in (fused, ref):
@@ -419,7 +425,7 @@ def test_group_lasso_parity(dtype):
     # vs the reference, through autograd
     xs = [w.clone().requires_grad_(True) for w in ws]
     xr = [w.clone().requires_grad_(True) for w in ws]
-    lf = codeq.ops.GroupLassoFunction.apply(lams, *xs)[0]
+    lf = OPS.group_lasso_forward(xs, lams)[0]
     lr = _gl_ref(xr, lams)
     lf.backward()
     lr.backward()
@@ -462,7 +468,8 @@ def _opcheck_cases():
     ldz = torch.tensor(2.0, device=DEVICE, requires_grad=True)
     lbit = torch.tensor(1.0, device=DEVICE, requires_grad=True)
     wr = w.clone().requires_grad_(True)
-    _, sc = OPS.deadzone_forward(w, ldz.detach(), lbit.detach(), 4.0, 2.0, 8.0, True)
+    gl_cfg = ([4.0, 5.0], [2.0, 2.0], [8.0, 8.0], [True, False], [1e-3, 0.0])
+    w_hat, gl, sc, nm = OPS.deadzone_forward([w, big], [ldz.detach()] * 2, [lbit.detach()] * 2, *gl_cfg)
     _, usc = OPS.uniform_forward(w, 4)
     g = torch.randn_like(w)
     ws = _layers(GL_SPECS[:4], seed=1)
@@ -470,9 +477,10 @@ def _opcheck_cases():
     return [
         (OPS.abs_quantile.default, (w, 0.99)),
         (OPS.abs_quantile.default, (big, 0.99)),
-        (OPS.deadzone_forward.default, (wr, ldz, lbit, 4.0, 2.0, 8.0, True)),
-        (OPS.deadzone_forward.default, (big.clone().requires_grad_(True), ldz, lbit, 4.0, 2.0, 8.0, False)),
-        (OPS.deadzone_backward.default, (g, w, sc, ldz.detach(), lbit.detach(), 2.0, 8.0, True)),
+        (OPS.deadzone_forward.default, ([wr], [ldz], [lbit], [4.0], [2.0], [8.0], [True], [0.0])),
+        (OPS.deadzone_forward.default, ([wr, big.clone().requires_grad_(True)], [ldz] * 2, [lbit] * 2, *gl_cfg)),
+        (OPS.deadzone_backward.default, ([g, torch.randn_like(big)], torch.tensor(0.5, device=DEVICE), [w, big],
+                                         w_hat, sc, nm, [ldz.detach()] * 2, [lbit.detach()] * 2, *gl_cfg[1:])),
         (OPS.uniform_forward.default, (wr, 4)),
         (OPS.uniform_backward.default, (g, w, usc, 4)),
         (OPS.group_lasso_forward.default, ([x.clone().requires_grad_(True) for x in ws], [1e-4] * 4)),
@@ -518,11 +526,10 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # ----------------------------------------------------- multi-layer fast path --
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_multi_layer_op_equals_per_layer_ops(dtype):
-    """deadzone_forward_multi / deadzone_backward_multi on the device (composed of
-    the per-layer kernels there) give the bits of the per-layer Functions."""
-    from codeq.ops import DeadZoneFunction, DeadZoneMultiFunction, GroupLassoFunction
-
+def test_many_layers_equal_one_at_a_time(dtype):
+    """deadzone_forward over many layers with the group lasso (the training
+    step's call) gives the bits of the op called one layer at a time plus
+    group_lasso_forward, forward and every gradient."""
     torch.manual_seed(5)
     shapes = [((64, 300), 1e-3), ((16, 8, 3, 3), 5e-4), ((70_000,), 0.0), ((10, 84), 2e-3)]
     ws = [(torch.randn(*s, device=DEVICE) * 0.05).to(dtype).requires_grad_() for s, _ in shapes]
@@ -530,17 +537,17 @@ def test_multi_layer_op_equals_per_layer_ops(dtype):
     bits = [torch.tensor(v, device=DEVICE, requires_grad=True) for v in (0.4, -1.0, 2.0, 0.1)]
     fixed, lo, hi, learn = [4.0, 3.0, 6.0, 8.0], [2.0] * 4, [8.0] * 4, [True, False, True, False]
     lam = [lam_ for _, lam_ in shapes]
-    outs = DeadZoneMultiFunction.apply((fixed, lo, hi, learn, lam), *ws, *dzs, *bits)
-    ref = [DeadZoneFunction.apply(w, d, b, f, l_, h, lb)[0]
+    w_hat, gl, _, _ = OPS.deadzone_forward(ws, dzs, bits, fixed, lo, hi, learn, lam)
+    ref = [OPS.deadzone_forward([w], [d], [b], [f], [l_], [h], [lb], [0.0])[0][0]
            for w, d, b, f, l_, h, lb in zip(ws, dzs, bits, fixed, lo, hi, learn)]
     sel = [k for k, x in enumerate(lam) if x]
-    ref_gl = GroupLassoFunction.apply([lam[k] for k in sel], *[ref[k] for k in sel])[0]
-    for a, b in zip(outs[:4], ref):
+    ref_gl = OPS.group_lasso_forward([ref[k] for k in sel], [lam[k] for k in sel])[0]
+    for a, b in zip(w_hat, ref):
         assert torch.equal(a, b)
-    assert torch.equal(outs[4], ref_gl)
+    assert torch.equal(gl, ref_gl)
     coef = [torch.randn_like(o) for o in ref]
     params = [*ws, *dzs, *bits]
-    g1 = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(outs[:4], coef)) + 2 * outs[4], params)
+    g1 = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(w_hat, coef)) + 2 * gl, params)
     g2 = torch.autograd.grad(sum((o.float() * c.float()).sum() for o, c in zip(ref, coef)) + 2 * ref_gl, params)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train_cli import read_metrics, run_dirs, tiny, write
 
-from codeq.train.checkpoint import load_checkpoint
+from codeq.checkpoint import load_checkpoint
 from codeq.train.cli import main
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer

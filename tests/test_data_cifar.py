@@ -134,7 +134,7 @@ def test_synthetic_deterministic_and_class_dependent():
 
 
 def test_loaders_data_order_depends_on_seed_and_epoch():
-    from codeq.train.data import epoch_seed
+    from codeq.train.sampling import epoch_seed
 
     c = cfg(name="synthetic", train_size=24, val_size=8, augment="none")
     train, val = build_synthetic(c)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from codeq.train.build import build_datasets
+from codeq.train.data import build_datasets
 from codeq.train.config import ConfigError, config_from_dict
 from codeq.train.data import build_loaders
 from codeq.train.device_data import DeviceLoader
@@ -34,7 +34,7 @@ def loaders(c):
 
 
 def epoch_batches(loader, g, c, epoch):
-    from codeq.train.data import epoch_seed
+    from codeq.train.sampling import epoch_seed
 
     g.manual_seed(epoch_seed(c.seed, epoch))  # what the trainer does each epoch
     return list(loader)

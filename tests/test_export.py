@@ -279,11 +279,9 @@ TRAINER_MODELS = {
 
 @pytest.mark.parametrize("name", sorted(TRAINER_MODELS))
 def test_checkpoint_export_and_load(tmp_path, name, capsys):
-    pytest.importorskip("codeq.train.build")
+    from codeq.checkpoint import save_checkpoint
     from codeq.export import load
-    from codeq.train.build import build_model, example_input
-    from codeq.train.checkpoint import save_checkpoint
-    from codeq.train.config import config_from_dict
+    from codeq.models import build_model, example_input
 
     kw, img = TRAINER_MODELS[name]
     d = {
@@ -295,8 +293,7 @@ def test_checkpoint_export_and_load(tmp_path, name, capsys):
         "quantizer": {"name": "deadzone", "kwargs": DZ_KW, "exclude_layers": ["bn", "norm"]},
     }
     torch.manual_seed(2)
-    cfg = config_from_dict(d)
-    model = build_model(cfg).eval()
+    model = build_model(name, img_size=img, model_kwargs=kw, quantizer=d["quantizer"]).eval()
     ckpt = tmp_path / "ckpt.th"
     save_checkpoint({"model": model.state_dict(), "config": d, "epoch": 1}, str(ckpt))
 
@@ -305,6 +302,6 @@ def test_checkpoint_export_and_load(tmp_path, name, capsys):
     assert "of fp32" in out and "theoretical" in out
     rebuilt = load(str(tmp_path / "ex"))
     assert not list(codeq.iter_quantizers(rebuilt)) and not rebuilt.training
-    x = example_input(cfg, batch_size=2)
+    x = example_input(img, batch_size=2)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))

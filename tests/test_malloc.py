@@ -9,7 +9,8 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, torch
-from codeq.train.build import build_model, build_optimizer, build_scheduler
+from codeq.train.optim import build_optimizer, build_scheduler
+from codeq.train.trainer import build_run_model as build_model
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer
 cfg = config_from_dict({

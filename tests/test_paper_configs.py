@@ -13,16 +13,11 @@ from torch import nn
 
 import codeq
 from codeq.losses import theta_l2
-from codeq.registry import LOSS_REGISTRY
-from codeq.train.build import (
-    MODEL_REGISTRY,
-    build_datasets,
-    build_model,
-    build_optimizer,
-    example_input,
-    load_pretrained,
-    model_num_classes,
-)
+from codeq.models import example_input, load_pretrained, model_num_classes
+from codeq.registry import LOSS_REGISTRY, MODEL_REGISTRY
+from codeq.train.data import build_datasets
+from codeq.train.optim import build_optimizer
+from codeq.train.trainer import build_run_model as build_model
 from codeq.train.cli import main
 from codeq.train.config import ConfigError, config_from_dict, load_config
 
@@ -73,9 +68,9 @@ def test_paper_config_validates_and_builds(path):
         assert term.kwargs["lambda_dz"] == exp["ldz"] and term.kwargs["lambda_bit"] == exp["lbit"]
     if not exp["mixed"]:
         assert term.kwargs["lambda_bit"] == 0.0
-    for g in (cfg.optimizer.dz, cfg.optimizer.bit):
+    for g in (cfg.optimizer.param_groups.dz, cfg.optimizer.param_groups.bit):
         assert g.lr == exp["theta_lr"] and g.weight_decay == 0.0
-    assert cfg.optimizer.base.weight_decay == 0.0
+    assert cfg.optimizer.param_groups.base.weight_decay == 0.0
 
     model = build_model(cfg)
     quantized = list(codeq.iter_quantizers(model))
@@ -300,7 +295,7 @@ def test_missing_pretrained_path_is_exit_2_one_line(tmp_path, capsys):
 
 
 def test_pretrained_path_loads_plain_and_wrapped_state_dicts(tmp_path):
-    from codeq.train.build import ResNet20
+    from codeq.models import ResNet20
 
     src = ResNet20()
     sd = src.state_dict()
@@ -341,7 +336,7 @@ def test_resnet18_built_from_a_weights_file(tmp_path):
 def test_tinyvit_paper_model_forward_224():
     cfg = load_config(os.path.join(PAPER, "tinyvit_cifar10_mixed.yaml"))
     model = build_model(cfg).eval()
-    x = example_input(cfg)
+    x = example_input(cfg.img_size)
     assert tuple(x.shape) == (1, 3, 224, 224)
     with torch.no_grad():
         y = model(x)

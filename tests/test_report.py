@@ -163,10 +163,8 @@ def test_main_errors_one_line(tmp_path, capsys):
 
 
 def _tiny_checkpoint(tmp_path, model_name="mlp", model_kwargs=None, quantizer="deadzone", img_size=8):
-    pytest.importorskip("codeq.train.build")
-    from codeq.train.build import build_model
-    from codeq.train.checkpoint import save_checkpoint
-    from codeq.train.config import config_from_dict
+    from codeq.checkpoint import save_checkpoint
+    from codeq.models import build_model
 
     d = {
         "model": model_name,
@@ -179,7 +177,7 @@ def _tiny_checkpoint(tmp_path, model_name="mlp", model_kwargs=None, quantizer="d
         d["quantizer"] = {"name": quantizer, "kwargs": {"init_deadzone_logit": 0.4, "init_bit_logit": 0.5}
                           if quantizer == "deadzone" else {"bitwidth": 4}, "exclude_layers": ["bn", "norm"]}
     torch.manual_seed(1)
-    model = build_model(config_from_dict(d))
+    model = build_model(model_name, img_size=img_size, model_kwargs=d["model_kwargs"], quantizer=d.get("quantizer"))
     path = str(tmp_path / "ckpt.th")
     save_checkpoint({"model": model.state_dict(), "config": d, "epoch": 1}, path)
     return path, model

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from codeq.train.checkpoint import CHECKPOINT_KEYS, load_checkpoint
+from codeq.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from codeq.train.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,7 @@ def test_layer_stats_match_the_model(tmp_path):
     from torch.nn.utils import parametrize
 
     from codeq.parametrize import iter_quantizers
-    from codeq.train.build import build_model
+    from codeq.train.trainer import build_run_model as build_model
     from codeq.train.config import config_from_dict
 
     assert main(["--config", write(tmp_path, tiny(tmp_path, epochs=1))]) == 0

@@ -16,12 +16,13 @@ import time
 
 import pytest
 import torch
-import yaml
+from test_train_cli import write
 
-from codeq.train.checkpoint import load_checkpoint
+from codeq.checkpoint import load_checkpoint
 from codeq.train.cli import main
 from codeq.train.config import ConfigError, config_from_dict
-from codeq.train.distributed import EpochDistributedSampler, LaunchEnv, ShardSampler, wants_distributed
+from codeq.train.distributed import LaunchEnv, wants_distributed
+from codeq.train.sampling import EpochDistributedSampler, ShardSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds for one torchrun launch (a hang would be caught here)
@@ -54,12 +55,6 @@ def cfg_dict(tmp_path, **over) -> dict:
     }
     d.update(over)
     return d
-
-
-def write(tmp_path, d, name="c.yaml") -> str:
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(d))
-    return str(p)
 
 
 def torchrun(args, cwd, nproc=2, env=None, timeout=TIMEOUT):
@@ -95,7 +90,8 @@ def assert_models_close(a: dict, b: dict, what: str, atol=2e-5, rtol=1e-4):
 def test_sampler_global_batches_equal_single_process_batches(tmp_path):
     """Batch k of W ranks together = batch k of one process with a W x larger
     batch, for the shuffled (seed, epoch) order; val shards cover every item once."""
-    from codeq.train.data import build_loaders, epoch_seed
+    from codeq.train.data import build_loaders
+    from codeq.train.sampling import epoch_seed
     from codeq.train.distributed import DistContext
 
     ds = [(torch.tensor(float(i)), i) for i in range(48)]
@@ -177,7 +173,7 @@ def test_ddp_equals_single_process_global_batch_and_resume_across_world_sizes(tm
                  os.path.join(s_run, "checkpoint.th")] + one) == 0
     s1, s2 = load_checkpoint(s1_path), load_checkpoint(os.path.join(s_run, "checkpoint.th"))
     init = config_from_dict(s1["config"])
-    from codeq.train.build import build_model
+    from codeq.train.trainer import build_run_model as build_model
 
     torch.manual_seed(init.seed)
     m0 = build_model(init).state_dict()
@@ -273,7 +269,7 @@ def test_sync_bn_checks_and_conversion(tmp_path):
     state-dict keys); quantized batch norms and CPU multi-process are refused."""
     from torch import nn
 
-    from codeq.train.build import build_model
+    from codeq.train.trainer import build_run_model as build_model
     from codeq.train.distributed import check_sync_bn, convert_sync_bn
 
     kw = {"num_blocks": [1, 1, 1], "width": 4}

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import codeq
 from codeq import reference as R
-from codeq.train.build import build_model, build_optimizer
+from codeq.train.optim import build_optimizer
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer
+from codeq.train.trainer import build_run_model as build_model
 
 MODELS = {
     "mlp": ({"hidden": [24, 16]}, [], 32, (1e-3, 1e-3)),
@@ -20,14 +21,14 @@ MODELS = {
 }
 
 
-def config(model, quantizer="deadzone", loss="group_lasso", learnable_bit=True):
+def config(model, reference=False, loss="group_lasso", learnable_bit=True):
     kw, exclude, img, (ll, lc) = MODELS[model]
+    qkw = {"init_deadzone_logit": 1.2, "init_bit_logit": 0.5, "learnable_bit": learnable_bit, "reference": reference}
     return config_from_dict({
         "model": model, "model_kwargs": kw, "img_size": img, "epochs": 1, "batch_size": 8, "device": "cpu",
         "workers": 0, "seed": 0, "save_dir": "/tmp/unused",
         "dataset": {"name": "synthetic", "train_size": 8, "val_size": 8},
-        "quantizer": {"name": quantizer, "exclude_layers": exclude,
-                      "kwargs": {"init_deadzone_logit": 1.2, "init_bit_logit": 0.5, "learnable_bit": learnable_bit}},
+        "quantizer": {"name": "deadzone", "exclude_layers": exclude, "kwargs": qkw},
         "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 1e-3}, "dz": {"lr": 1e-2}, "bit": {"lr": 1e-3}}},
         "loss_terms": [{"name": loss, "lambda": 0.7, "kwargs": {"lambda_linear": ll, "lambda_conv": lc}}],
     })
@@ -35,10 +36,9 @@ def config(model, quantizer="deadzone", loss="group_lasso", learnable_bit=True):
 
 @pytest.fixture(autouse=True)
 def _reference_entries():
-    codeq.QUANTIZER_REGISTRY["_ref_deadzone"] = R.DeadZoneLDZCompander
     codeq.LOSS_REGISTRY["_ref_group_lasso"] = R.group_lasso
     yield
-    del codeq.QUANTIZER_REGISTRY["_ref_deadzone"], codeq.LOSS_REGISTRY["_ref_group_lasso"]
+    del codeq.LOSS_REGISTRY["_ref_group_lasso"]
 
 
 def grads(model):
@@ -49,7 +49,7 @@ def grads(model):
 @pytest.mark.parametrize("learnable_bit", [True, False], ids=["lbit", "fixbit"])
 def test_fast_step_equals_straightforward(model, learnable_bit, seed):
     fast_cfg = config(model, learnable_bit=learnable_bit)
-    slow_cfg = config(model, "_ref_deadzone", "_ref_group_lasso", learnable_bit)
+    slow_cfg = config(model, True, "_ref_group_lasso", learnable_bit)
     torch.manual_seed(seed)
     fast = build_model(fast_cfg)
     slow = build_model(slow_cfg)
@@ -193,7 +193,7 @@ def test_fast_path_leaves_disabled_and_foreign_quantizers_to_their_parametrizati
     cfg = config("mlp")
     torch.manual_seed(seed)
     model = build_model(cfg)
-    slow_cfg = config("mlp", "_ref_deadzone", "_ref_group_lasso")
+    slow_cfg = config("mlp", True, "_ref_group_lasso")
     slow = build_model(slow_cfg)
     slow.load_state_dict(model.state_dict())
     layers = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
@@ -201,7 +201,7 @@ def test_fast_path_leaves_disabled_and_foreign_quantizers_to_their_parametrizati
     # layer 0: disabled in both; layer 1: a reference quantizer in the fast model
     layers[0].parametrizations.weight[0].enabled = False
     slow_layers[0].parametrizations.weight[0].enabled = False
-    ref_q = R.DeadZoneLDZCompander(init_deadzone_logit=1.2, init_bit_logit=0.5)
+    ref_q = codeq.DeadZoneLDZCompander(init_deadzone_logit=1.2, init_bit_logit=0.5, reference=True)
     ref_q.load_state_dict(layers[1].parametrizations.weight[0].state_dict())
     layers[1].parametrizations.weight[0] = ref_q
     x = torch.randn(8, 3, 32, 32)
@@ -222,8 +222,8 @@ def test_fast_path_leaves_disabled_and_foreign_quantizers_to_their_parametrizati
 
 
 def test_fast_path_follows_toggling_between_steps(seed):
-    """The fused plan is cached across steps; switching quantizers off and on
-    between steps must still give the per-layer path's loss every time."""
+    """Switching quantizers off and on between steps: the fused call follows,
+    with the per-layer path's loss every time."""
     from codeq import toggle_quantization
     from codeq.parametrize import iter_quantizers
     from codeq.train.config import config_to_dict
@@ -278,10 +278,17 @@ def test_hooked_or_subclassed_quantizers_keep_their_own_path():
     layer.parametrizations.weight[0] = d
     fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
     x = torch.randn(4, 3, 32, 32)
+    own_path = []  # the quantizers that ran their own forward
+    orig = DeadZoneLDZCompander._quantize
+    DeadZoneLDZCompander._quantize = lambda self, w: own_path.append(self) or orig(self, w)
+    try:
+        with parametrize.cached():
+            gl = fast.prefill()
+            out = model(x)
+    finally:
+        DeadZoneLDZCompander._quantize = orig
+    assert own_path == [qs[0], d]  # the third layer was fused
     with parametrize.cached():
-        gl = fast.prefill()
-        out = model(x)
-        assert len(fast._cached_plan[0]) == 1  # only the third layer was fused
         w1 = layer.weight
         torch.testing.assert_close(w1, 2 * DeadZoneLDZCompander.forward(d, layer.parametrizations.weight.original))
         expect = R.group_lasso(model, lambda_linear=1e-3, lambda_conv=0.0)
@@ -320,7 +327,7 @@ def test_fast_path_turns_itself_off_if_torch_cache_is_unreachable():
 
 def test_fast_path_follows_a_state_dict_load_between_steps(seed):
     """Loading a state dict with other bit settings between steps (the
-    quantizers' cached configuration changes): the fused plan follows."""
+    quantizers' Python copy of them changes): the fused call follows."""
     from torch.nn.utils import parametrize
 
     from codeq.fastpath import FusedWeights
@@ -346,10 +353,9 @@ def test_fast_path_follows_a_state_dict_load_between_steps(seed):
 
 
 def test_fast_path_follows_a_replaced_logit_parameter(seed):
-    """The fused plan keeps each quantizer's logit parameters; replacing one
-    (``q.logit_dz = nn.Parameter(...)``) between steps must reach the fused
-    call: the quantized weights and the new parameter's gradient are those of
-    the per-layer path."""
+    """Replacing a quantizer's logit parameters (``q.logit_dz =
+    nn.Parameter(...)``) between steps reaches the fused call: the quantized
+    weights and the new parameter's gradient are those of the per-layer path."""
     from torch import nn
     from torch.nn.utils import parametrize
 
@@ -384,8 +390,8 @@ def test_fast_path_follows_a_replaced_logit_parameter(seed):
 
 def test_fast_path_rereads_logits_that_are_not_parameters(seed):
     """A quantizer subclass that keeps its dead-zone logit as a buffer (same
-    math, so still fused): the plan cannot hold on to that tensor, and a buffer
-    replaced between steps must reach the fused call."""
+    math, so still fused): a buffer replaced between steps reaches the fused
+    call."""
     from torch.nn.utils import parametrize
 
     from codeq.fastpath import FusedWeights
@@ -408,8 +414,8 @@ def test_fast_path_rereads_logits_that_are_not_parameters(seed):
         q.logit_dz = torch.tensor(value)  # a new buffer tensor each time
         with parametrize.cached():
             fast.prefill()
+            assert (id(layer), "weight") in parametrize._cache  # fused
             w_fast = layer.weight.detach().clone()
-            assert q in fast._cached_plan[1]  # fused
         want = DeadZoneLDZCompander.forward(q, original).detach()
         assert torch.equal(w_fast, want), value
 
@@ -418,8 +424,7 @@ def test_fast_path_rereads_logits_that_are_not_parameters(seed):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_layer"])
 def test_loss_term_weight_is_applied_exactly(lam, fused, seed):
     """compute_loss is CE + lambda * term, bit for bit in the loss and every
-    gradient, whatever lambda (at 1.0 the trainer adds the term without the
-    product, which must change nothing)."""
+    gradient, whatever lambda, fused or not."""
     from torch.nn.utils import parametrize
 
     from codeq.fastpath import FusedWeights

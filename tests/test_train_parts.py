@@ -15,9 +15,11 @@ from torch.nn.utils import parametrize
 
 import codeq
 from codeq.parametrize import iter_quantizers
-from codeq.train import checkpoint as ckpt_mod
-from codeq.train.build import build_model, build_optimizer, example_input, split_param_groups
-from codeq.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from codeq import checkpoint as ckpt_mod
+from codeq.models import example_input
+from codeq.train.optim import build_optimizer, split_param_groups
+from codeq.train.trainer import build_run_model as build_model
+from codeq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from codeq.train.config import ConfigError, config_from_dict
 from codeq.train.trainer import Trainer
 
@@ -133,7 +135,7 @@ def _count_quantizer_calls(model, monkeypatch):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_weights", "per_layer"])
 @pytest.mark.parametrize("model,kwargs", [("mlp", {"hidden": [16, 12]}), ("resnet20", {"num_blocks": [1, 1, 1], "width": 4})])
 def test_quantizers_run_once_per_step(model, kwargs, fused, monkeypatch):
-    import codeq.fastpath
+    import codeq.ops
 
     gl = [{"name": "group_lasso", "lambda": 1.0, "kwargs": {"lambda_linear": 0.01, "lambda_conv": 0.01}}]
     t = _trainer(model=model, model_kwargs=kwargs, loss_terms=gl, fused_weights=fused,
@@ -141,16 +143,15 @@ def test_quantizers_run_once_per_step(model, kwargs, fused, monkeypatch):
     n_layers = len(list(iter_quantizers(t.model)))
     assert n_layers >= 3
     calls = _count_quantizer_calls(t.model, monkeypatch)
-    multi = [0]
-    apply = codeq.fastpath.DeadZoneMultiFunction.apply
-    monkeypatch.setattr(codeq.fastpath.DeadZoneMultiFunction, "apply",
-                        lambda *a: multi.__setitem__(0, multi[0] + 1) or apply(*a))
+    op_calls = [0]
+    deadzone = codeq.ops.deadzone
+    monkeypatch.setattr(codeq.ops, "deadzone", lambda *a: op_calls.__setitem__(0, op_calls[0] + 1) or deadzone(*a))
     x, y = _batch()
     for _ in range(2):
-        calls[0] = multi[0] = 0
+        calls[0] = op_calls[0] = 0
         t.train_step(x, y)
-        # fused: one call computes every layer (and the group lasso); else each quantizer once
-        assert (calls[0], multi[0]) == ((0, 1) if fused else (n_layers, 0))
+        # fused: one op call computes every layer (and the group lasso); else each quantizer once
+        assert (calls[0], op_calls[0]) == ((0, 1) if fused else (n_layers, n_layers))
     # sanity: without cached() the group lasso would run every quantizer again
     calls[0] = 0
     t.net(x)
@@ -201,7 +202,7 @@ def test_models_and_example_input():
         cfg = config_from_dict(cfg_dict(model=name, model_kwargs=kw, img_size=img,
                                         quantizer={"name": "deadzone", "exclude_layers": exclude}))
         model = build_model(cfg)
-        x = example_input(cfg, batch_size=2)
+        x = example_input(cfg.img_size, batch_size=2)
         assert x.shape == (2, 3, img, img)
         assert model(x).shape == (2, 10)
         assert next(model.parameters()).device.type == "cpu"
@@ -212,7 +213,7 @@ def test_models_and_example_input():
     assert 0.26e6 < sum(p.numel() for p in r.parameters()) < 0.28e6
     m = build_model(config_from_dict(cfg_dict(model_kwargs={}, quantizer=None)))
     assert [tuple(l.weight.shape) for l in m.modules() if isinstance(l, nn.Linear)] == [(120, 3072), (84, 120), (10, 84)]
-    assert example_input(config_from_dict(cfg_dict(model="vit", img_size=224, model_kwargs={}))).shape == (1, 3, 224, 224)
+    assert example_input(224).shape == (1, 3, 224, 224)
 
 
 def test_bad_model_kwargs_value_is_config_error():

@@ -1,11 +1,15 @@
 """codeq.train: the registry-driven YAML trainer (``run_training.py`` /
 ``codeq-train``).  See docs/TRAINING.md.
 
-Modules: ``config`` (schema, ConfigError), ``build`` (model / optimizer /
-scheduler / data set registries and builders), ``data``, ``checkpoint``,
-``logging``, ``trainer``, ``cli``.
+Modules, each using only those before it: ``sampling`` (the data order),
+``device_data``, ``data`` (data sets and loaders), ``optim`` (optimizer,
+scheduler, parameter groups), ``config`` (the schema), ``logging``,
+``distributed``, ``graph``, ``malloc``, ``trainer``, ``cli``.  Importing the
+package registers its data sets, optimizers and schedulers in
+:mod:`codeq.registry`.
 """
 
+from codeq.train import data, optim  # noqa: F401  (their registry entries)
 from codeq.train.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 
 __all__ = ["Config", "ConfigError", "config_from_dict", "config_to_dict", "load_config"]

@@ -16,7 +16,11 @@ import argparse
 import os
 import sys
 
-from codeq.train.config import ConfigError
+from codeq.checkpoint import load_checkpoint
+from codeq.train import distributed as D
+from codeq.train.config import ConfigError, check_resume_compatible, load_config, save_config
+from codeq.train.logging import is_run_dir, make_run_dir
+from codeq.train.trainer import Trainer
 
 __all__ = ["main", "build_parser"]
 
@@ -79,12 +83,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv, ctx_out: list) -> int:
-    from codeq.train import distributed as D
-    from codeq.train.checkpoint import load_checkpoint
-    from codeq.train.config import load_config, save_config
-    from codeq.train.logging import is_run_dir, make_run_dir
-    from codeq.train.trainer import Trainer, check_resume_compatible
-
     env = D.launch_env()
     # Everything that can be a user mistake is checked before the run directory
     # exists.  Under torchrun the ranks first agree on it (ctx.agree): one error

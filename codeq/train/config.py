@@ -1,9 +1,19 @@
-"""The trainer's YAML schema, validated up front into typed dataclasses.
+"""The trainer's YAML schema: every key declared once, as a dataclass field.
 
-Every user mistake (unknown key, wrong type, missing required field, unknown
-registry name, bad ``--set`` override) raises :class:`ConfigError` with a
-one-line message; the CLI prints it as ``error: ...`` and exits with code 2
-before anything is written to disk.
+A key is one ``key(default, doc, ...)`` field of the section it belongs to:
+its type is the field's annotation, and its default, doc line and checks are
+the field's metadata.  Everything else is derived from those declarations:
+reading a YAML mapping (:func:`config_from_dict`: unknown keys with a "did you
+mean", types, defaults, required keys, registry names, bounds), writing it
+back (:func:`config_to_dict`), the keys ``--resume`` compares
+(:func:`resume_keys`) and the reference table of ``docs/TRAINING.md``
+(:func:`markdown_table`; ``make docs`` writes it into the doc, and a test fails
+when the doc and the schema differ).  Checks that involve
+more than one key are each section's ``validate()``.
+
+Every user mistake raises :class:`ConfigError` with a one-line message; the CLI
+prints it as ``error: ...`` and exits with code 2 before anything is written
+to disk::
 
     cfg = load_config("configs/deadzone_mlp.yaml", overrides=["epochs=3"])
     d = config_to_dict(cfg)          # the resolved config, plain builtins
@@ -15,18 +25,34 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
+import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
+
+from codeq.errors import ConfigError
+from codeq.registry import (
+    DATASET_REGISTRY,
+    LOSS_REGISTRY,
+    MODEL_REGISTRY,
+    OPTIMIZER_REGISTRY,
+    QUANTIZER_REGISTRY,
+    SCHEDULER_REGISTRY,
+)
+from codeq.train.optim import graph_capable_class
 
 __all__ = [
     "ConfigError",
     "Config",
     "QuantizerConfig",
     "ParamGroupConfig",
+    "ParamGroups",
     "OptimizerConfig",
     "LossTermConfig",
     "DatasetConfig",
@@ -35,6 +61,10 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "resume_keys",
+    "check_resume_compatible",
+    "markdown_table",
+    "write_markdown_table",
     "save_config",
     "DEVICE_CHOICES",
     "WANDB_MODES",
@@ -45,242 +75,72 @@ DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
 WANDB_MODES = ("online", "offline", "disabled")
 AUGMENT_CHOICES = ("standard", "randaugment", "none")
 ON_DEVICE_DATASETS = ("cifar10", "synthetic")
-GRAPH_OPTIMIZERS = ("adam", "adamw", "sgd")  # cuda_graph: fused optimizer steps that capture
-PARAM_GROUP_NAMES = ("base", "dz", "bit")
+
+AutoBool = Union[bool, Literal["auto"]]  # "auto", true or false
+
+_REQUIRED = dataclasses.MISSING
 
 
-class ConfigError(Exception):
-    """A user mistake in the config, the command line or the environment it
-    names (data set path, device, checkpoint).  The message is one line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-# ------------------------------------------------------------------ schema --
-@dataclass
-class QuantizerConfig:
-    name: str
-    kwargs: dict = field(default_factory=dict)
-    exclude_layers: list = field(default_factory=list)
-
-
-@dataclass
-class ParamGroupConfig:
-    lr: float
-    weight_decay: float = 0.0
-    extra: dict = field(default_factory=dict)  # momentum, betas, nesterov, eps, ... passed to the optimizer
-
-    def hparams(self) -> dict:
-        out = {"lr": self.lr, "weight_decay": self.weight_decay}
-        for k, v in self.extra.items():
-            out[k] = tuple(v) if isinstance(v, list) else v
-        return out
+def key(default: Any = _REQUIRED, doc: str = "", *, name: str | None = None, minimum: float | None = None,
+        choices: tuple | None = None, check=None, resume: bool = False, rest: bool = False):
+    """One config key: a dataclass field with its default (none: required), its
+    doc line (the reference table's), and its checks: ``minimum`` (a lower
+    bound), ``choices`` ((collection or registry, what it names)),
+    ``check(path, value)`` (raises ConfigError).  ``name``: the YAML key when it
+    is not the field's name; ``resume``: must equal the checkpoint's for
+    ``--resume``; ``rest``: the mapping of the section's other keys (passed on
+    to whatever the section configures)."""
+    meta = dict(doc=doc, name=name, minimum=minimum, choices=choices, check=check, resume=resume, rest=rest)
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, type):  # a section whose keys all have defaults
+        return field(default_factory=default, metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-@dataclass
-class OptimizerConfig:
-    base: ParamGroupConfig
-    type: str = "adamw"
-    dz: ParamGroupConfig | None = None
-    bit: ParamGroupConfig | None = None
-
-
-@dataclass
-class LossTermConfig:
-    name: str
-    lam: float = 1.0  # YAML key "lambda"
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "cifar10"
-    root: str = "data"
-    download: bool = False
-    augment: str = "standard"
-    train_size: int | None = None  # synthetic: default 1000; cifar10: a subset of the first N (None = all)
-    val_size: int | None = None  # synthetic: default 200; cifar10: a subset of the first N (None = all)
-    on_device: bool = False  # hold the data set on the training device, augment there (codeq.train.device_data)
-
-
-@dataclass
-class Config:
-    model: str
-    epochs: int
-    optimizer: OptimizerConfig
-    model_kwargs: dict = field(default_factory=dict)
-    batch_size: int = 128  # per process: the global batch under DDP is batch_size x world size
-    img_size: int = 32
-    device: str = "cpu"
-    seed: int = 0
-    workers: int = 4
-    use_compile: bool = False
-    fused_weights: bool = True  # eager mode: all quantized weights (+ group lasso) in one fused call (codeq.fastpath)
-    cuda_graph: Any = False  # "auto", True or False: replay each training step as one CUDA graph (codeq.train.graph)
-    save_dir: str = "save_temp"
-    run_name: str | None = None
-    lr_scheduler: str = "cosine"
-    wandb_project: str | None = None
-    wandb_mode: str | None = None
-    log_interval: int = 50
-    save_best: bool = True
-    distributed: Any = "auto"  # "auto" (DDP when launched by torchrun with WORLD_SIZE > 1), True or False
-    sync_bn: bool = False
-    dist_timeout_min: float = 30.0
-    quantizer: QuantizerConfig | None = None
-    loss_terms: list = field(default_factory=list)  # list[LossTermConfig]
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-
-
-# Keys of each YAML mapping: key -> (kind, default or REQUIRED).  Kinds are
-# checked by _check_type; None defaults mean "null allowed".
-REQUIRED = object()
-
-_TOP_KEYS = {
-    "model": ("str", REQUIRED),
-    "epochs": ("int", REQUIRED),
-    "optimizer": ("mapping", REQUIRED),
-    "model_kwargs": ("mapping", {}),
-    "batch_size": ("int", 128),
-    "img_size": ("int", 32),
-    "device": ("str", "cpu"),
-    "seed": ("int", 0),
-    "workers": ("int", 4),
-    "use_compile": ("bool", False),
-    "fused_weights": ("bool", True),
-    "cuda_graph": ("autobool", False),
-    "save_dir": ("str", "save_temp"),
-    "run_name": ("str?", None),
-    "lr_scheduler": ("str", "cosine"),
-    "wandb_project": ("str?", None),
-    "wandb_mode": ("str?", None),
-    "log_interval": ("int", 50),
-    "save_best": ("bool", True),
-    "distributed": ("autobool", "auto"),
-    "sync_bn": ("bool", False),
-    "dist_timeout_min": ("float", 30.0),
-    "quantizer": ("mapping?", None),
-    "loss_terms": ("list?", []),
-    "dataset": ("mapping?", {}),
-}
-_QUANT_KEYS = {"name": ("str", REQUIRED), "kwargs": ("mapping?", {}), "exclude_layers": ("strlist", [])}
-_OPT_KEYS = {"type": ("str", "adamw"), "param_groups": ("mapping", REQUIRED)}
-_LOSS_KEYS = {"name": ("str", REQUIRED), "lambda": ("float", 1.0), "kwargs": ("mapping?", {})}
-_DATA_KEYS = {
-    "name": ("str", "cifar10"),
-    "root": ("str", "data"),
-    "download": ("bool", False),
-    "augment": ("str", "standard"),
-    "train_size": ("int?", None),
-    "val_size": ("int?", None),
-    "on_device": ("bool", False),
-}
-_TYPE_WORDS = {
-    "str": "a string",
-    "str?": "a string or null",
-    "int": "an integer",
-    "int?": "an integer or null",
-    "float": "a number",
-    "bool": "true/false (or 1/0)",
-    "autobool": "auto, true or false",
-    "mapping": "a mapping",
-    "mapping?": "a mapping or null",
-    "list?": "a list or null",
-    "strlist": "a list of strings",
-}
+# ------------------------------------------------------------------ checks --
+def _suggest(word, valid) -> str:
+    close = difflib.get_close_matches(str(word), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _typename(v: Any) -> str:
     if v is None:
         return "null"
     return {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "mapping"}.get(
-        type(v), type(v).__name__
-    )
+        type(v), type(v).__name__)
 
 
-def _check_type(path: str, v: Any, kind: str) -> Any:
-    ok = True
-    if kind.endswith("?") and v is None:
+def _check_device(path: str, dev: str) -> None:
+    if dev not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", dev):
+        raise ConfigError(f"unknown device '{dev}' ({path}); choose one of: {', '.join(DEVICE_CHOICES)}")
+
+
+def _check_run_name(path: str, v: str | None) -> None:
+    if v is not None and (not v or os.sep in v):
+        raise ConfigError(f"{path} must be a non-empty name without '{os.sep}', got {v!r}")
+
+
+def _check_minutes(path: str, v: float) -> None:
+    if not 0 < v < math.inf:
+        raise ConfigError(f"{path} must be more than 0 (minutes), got {v}")
+
+
+def _accepted_kwargs(fn) -> list | None:
+    """Keyword names fn (a class: its __init__) accepts, or None when it takes **kwargs."""
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError):
         return None
-    base = kind.rstrip("?")
-    if base == "str":
-        ok = isinstance(v, str)
-    elif base == "int":
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    elif base == "float":
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if ok:
-            v = float(v)
-    elif base == "bool":
-        if isinstance(v, bool):
-            pass
-        elif isinstance(v, int) and v in (0, 1):
-            v = bool(v)
-        else:
-            ok = False
-    elif base == "autobool":
-        if isinstance(v, str) and v.strip().lower() == "auto":
-            v = "auto"
-        elif isinstance(v, bool):
-            pass
-        elif isinstance(v, int) and v in (0, 1):
-            v = bool(v)
-        else:
-            ok = False
-    elif base == "mapping":
-        ok = isinstance(v, dict)
-    elif base == "list":
-        ok = isinstance(v, list)
-    elif base == "strlist":
-        if isinstance(v, str):
-            v = [v]
-        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-    if not ok:
-        raise ConfigError(f"{path} must be {_TYPE_WORDS[kind]}, got {_typename(v)} {v!r}")
-    return v
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _check_keys(where: str, d: dict, valid) -> None:
-    for k in d:
-        if k not in valid:
-            path = f"{where}.{k}" if where else str(k)
-            raise ConfigError(
-                f"unknown key '{path}'{_suggest(k, valid)} (valid keys{' of ' + where if where else ''}: "
-                f"{', '.join(valid)})"
-            )
-
-
-def _fill(where: str, d: dict | None, schema: dict) -> dict:
-    """Check keys and types of one mapping and fill in defaults."""
-    d = {} if d is None else d
-    _check_keys(where, d, schema)
-    out = {}
-    for k, (kind, default) in schema.items():
-        path = f"{where}.{k}" if where else k
-        if k not in d:
-            if default is REQUIRED:
-                raise ConfigError(f"missing required key '{path}'")
-            out[k] = copy.deepcopy(default)
-        else:
-            out[k] = _check_type(path, d[k], kind)
-    return out
-
-
-def _choice(path: str, value: str, choices, what: str) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"unknown {what} '{value}' ({path}){_suggest(value, choices)} (choose one of: {', '.join(sorted(choices))})"
-        )
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _check_kwargs(path: str, kwargs: dict, fn, what: str, reserved=()) -> None:
-    """Keys of a kwargs mapping must be parameters of fn (unless it takes
+    """Keys of a kwargs mapping must be arguments of fn (unless it takes
     **kwargs); ``reserved`` ones are set by the trainer itself."""
     for k in kwargs:
         if k in reserved:
@@ -288,61 +148,262 @@ def _check_kwargs(path: str, kwargs: dict, fn, what: str, reserved=()) -> None:
     names = _accepted_kwargs(fn)
     if names is None:
         return
-    names = [n for n in names if n not in reserved]
+    names = [n for n in names if n not in reserved and n != "params"]
     for k in kwargs:
         if not isinstance(k, str) or k not in names:
-            raise ConfigError(
-                f"unknown key '{path}.{k}' for {what}{_suggest(k, names)} (accepted: {', '.join(names) or 'none'})"
-            )
+            raise ConfigError(f"unknown key '{path}.{k}' for {what}{_suggest(k, names)} "
+                              f"(accepted: {', '.join(names) or 'none'})")
 
 
-def _accepted_kwargs(fn):
-    """Keyword names fn accepts, or None when it takes arbitrary **kwargs.  For a
-    class whose __init__ only forwards (*args, **kwargs) the base class's
-    signature is used (codeq's fused quantizers subclass the reference ones)."""
-    import inspect
+# ------------------------------------------------------------------ schema --
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    name: str = key(doc="the quantizer (QUANTIZER_REGISTRY)", choices=(QUANTIZER_REGISTRY, "quantizer"))
+    kwargs: dict = key({}, "passed to the quantizer's constructor (unknown names are an error)")
+    exclude_layers: list[str] = key([], "skip modules whose qualified name contains any of these")
 
-    targets = [k.__init__ for k in fn.__mro__ if k is not object] if isinstance(fn, type) else [fn]
-    for t in targets:
-        try:
-            params = [p for p in inspect.signature(t).parameters.values() if p.name != "self"]
-        except (TypeError, ValueError):
-            return None
-        var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-        var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
-        named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if var_kw and var_pos and not named and isinstance(fn, type):
-            continue  # a forwarding __init__: look at the base class
-        return None if var_kw else named
-    return None
+    def validate(self, path: str) -> None:
+        _check_kwargs(f"{path}.kwargs", self.kwargs, QUANTIZER_REGISTRY[self.name], f"quantizer '{self.name}'")
 
 
-def _param_group(path: str, d: Any, opt_cls, opt_type: str) -> ParamGroupConfig:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path} must be a mapping, got {_typename(d)} {d!r}")
-    if "lr" not in d:
-        raise ConfigError(f"missing required key '{path}.lr'")
-    lr = _check_type(f"{path}.lr", d["lr"], "float")
-    wd = _check_type(f"{path}.weight_decay", d.get("weight_decay", 0.0), "float")
-    extra = {k: v for k, v in d.items() if k not in ("lr", "weight_decay")}
-    import inspect
+@dataclass(kw_only=True)
+class ParamGroupConfig:
+    lr: float = key(doc="learning rate")
+    weight_decay: float = key(0.0, "weight decay")
+    extra: dict = key({}, "any other key goes to the optimizer: momentum, nesterov, betas, eps, fused, ...",
+                      rest=True)
 
-    params = inspect.signature(opt_cls.__init__).parameters
-    valid = [n for n in params if n not in ("self", "params")]
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        for k in extra:
-            if k not in valid:
-                raise ConfigError(
-                    f"unknown key '{path}.{k}' for optimizer '{opt_type}'{_suggest(k, valid)} "
-                    f"(accepted: {', '.join(valid)})"
-                )
-    return ParamGroupConfig(lr=lr, weight_decay=wd, extra=dict(extra))
+    def hparams(self) -> dict:
+        """The group's hyper-parameters as the optimizer takes them (lists as tuples)."""
+        out = {"lr": self.lr, "weight_decay": self.weight_decay}
+        for k, v in self.extra.items():
+            out[k] = tuple(v) if isinstance(v, list) else v
+        return out
 
 
-def _check_device(dev: str) -> None:
-    if dev in ("cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", dev):
+@dataclass(kw_only=True)
+class ParamGroups:
+    base: ParamGroupConfig = key(doc="every ordinary model parameter")
+    dz: ParamGroupConfig | None = key(None, "the dead-zone logits (names containing logit_dz); same keys as base; "
+                                            "default: base's values")
+    bit: ParamGroupConfig | None = key(None, "the bit-width logits (names containing logit_bit); same keys as base; "
+                                             "default: base's values")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    type: str = key("adamw", "the optimizer (OPTIMIZER_REGISTRY)", choices=(OPTIMIZER_REGISTRY, "optimizer"),
+                    resume=True)
+    param_groups: ParamGroups = key(doc="hyper-parameters of the three parameter groups")
+
+    def validate(self, path: str) -> None:
+        cls = OPTIMIZER_REGISTRY[self.type]
+        for gname in ("base", "dz", "bit"):
+            g = getattr(self.param_groups, gname)
+            if g is not None:
+                _check_kwargs(f"{path}.param_groups.{gname}", g.extra, cls, f"optimizer '{self.type}'")
+
+
+@dataclass(kw_only=True)
+class LossTermConfig:
+    name: str = key(doc="the loss term (LOSS_REGISTRY)", choices=(LOSS_REGISTRY, "loss term"))
+    lam: float = key(1.0, "its weight in the total loss", name="lambda")
+    kwargs: dict = key({}, "passed to the term (unknown names are an error)")
+
+    def validate(self, path: str) -> None:
+        _check_kwargs(f"{path}.kwargs", self.kwargs, LOSS_REGISTRY[self.name], f"loss term '{self.name}'",
+                      reserved=("model",))
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    name: str = key("cifar10", "the data set (DATASET_REGISTRY)", choices=(DATASET_REGISTRY, "dataset"))
+    root: str = key("data", "where it is read from")
+    download: bool = key(False, "cifar10: fetch it into root when missing")
+    augment: str = key("standard", "training augmentation: standard (crop + flip), randaugment, none",
+                       choices=(AUGMENT_CHOICES, "augmentation"))
+    train_size: int | None = key(None, "use the first N training images (synthetic: default 1000)", minimum=1)
+    val_size: int | None = key(None, "use the first N validation images (synthetic: default 200)", minimum=1)
+    on_device: bool = key(False, "hold the data set on the training device and augment it there (cifar10, "
+                                 "synthetic)")
+
+    def validate(self, path: str) -> None:
+        if not self.on_device:
+            return
+        if self.name not in ON_DEVICE_DATASETS:
+            raise ConfigError(f"{path}.on_device works for {' and '.join(ON_DEVICE_DATASETS)} (CIFAR-shaped data "
+                              f"held on the device), not '{self.name}'; set {path}.on_device: false")
+        if self.augment == "randaugment":
+            raise ConfigError(f"{path}.on_device supports augment: standard or none (crop + flip on the device), "
+                              f"not randaugment; set {path}.on_device: false for RandAugment")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: str = key(doc="the model (MODEL_REGISTRY)", choices=(MODEL_REGISTRY, "model"), resume=True)
+    model_kwargs: dict = key({}, "extra constructor arguments of the model", resume=True)
+    epochs: int = key(doc="training epochs", minimum=1)
+    batch_size: int = key(128, "per process (global batch = batch_size x processes); also for validation",
+                          minimum=1)
+    img_size: int = key(32, "input size: 32 for CIFAR-10, 224 for the ViTs (images are resized)", minimum=1,
+                        resume=True)
+    device: str = key("cpu", "cpu, cuda, cuda:N or mps", check=_check_device)
+    seed: int = key(0, "seeds Python, NumPy, torch and the data order", minimum=0)
+    workers: int = key(4, "DataLoader worker processes (0: load in the main process)", minimum=0)
+    use_compile: bool = key(False, "wrap the model in torch.compile")
+    fused_weights: bool = key(True, "eager mode: every quantized weight and the group lasso in one fused call "
+                                    "per step")
+    cuda_graph: AutoBool = key(False, "replay each training step as one CUDA graph (auto: wherever it can run)")
+    save_dir: str = key("save_temp", "run directories are created in here")
+    run_name: str | None = key(None, "run directory name prefix (default: the config file's stem)",
+                               check=_check_run_name)
+    lr_scheduler: str = key("cosine", "cosine (T_max = epochs, stepped per epoch) or none (SCHEDULER_REGISTRY)",
+                            choices=(SCHEDULER_REGISTRY, "lr_scheduler"), resume=True)
+    wandb_project: str | None = key(None, "log to this Weights & Biases project")
+    wandb_mode: str | None = key(None, "online, offline or disabled (env WANDB_MODE wins; default online)",
+                                 choices=(WANDB_MODES, "wandb_mode"))
+    log_interval: int = key(50, "batches between progress lines", minimum=1)
+    save_best: bool = key(True, "also keep best.th (the highest validation accuracy)")
+    distributed: AutoBool = key("auto", "DDP: auto (when torchrun starts more than one process), true or false")
+    sync_bn: bool = key(False, "BatchNorm -> SyncBatchNorm under DDP (CUDA only)")
+    dist_timeout_min: float = key(30.0, "minutes a process waits in a collective before failing",
+                                  check=_check_minutes)
+    quantizer: QuantizerConfig | None = key(None, "the quantizer attached to the weights (null: no QAT)", resume=True)
+    optimizer: OptimizerConfig = key(doc="the optimizer and its parameter groups")
+    loss_terms: list[LossTermConfig] = key([], "terms added to the cross-entropy, each lambda x term(model)")
+    dataset: DatasetConfig = key(DatasetConfig, "the data")
+
+    def validate(self, path: str = "") -> None:
+        _check_kwargs("model_kwargs", self.model_kwargs, MODEL_REGISTRY[self.model], f"model '{self.model}'",
+                      reserved=("num_classes", "img_size"))
+        if self.cuda_graph is True:  # "auto" turns itself off where graphs cannot run
+            if self.use_compile:
+                raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its "
+                                  "own way); set one of them to false")
+            if not graph_capable_class(OPTIMIZER_REGISTRY[self.optimizer.type]):
+                raise ConfigError(f"cuda_graph works with torch's Adam, AdamW and SGD (their fused, capturable CUDA "
+                                  f"steps), not '{self.optimizer.type}'; set cuda_graph: auto or false")
+
+
+# ------------------------------------------------- derived from the schema --
+def _fields(cls):
+    """(dataclass field, YAML key, resolved type) of each key of a section."""
+    hints = typing.get_type_hints(cls, globals())
+    return [(f, f.metadata.get("name") or f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _optional(tp) -> tuple[Any, bool]:
+    """(tp without None, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Union[tuple(rest)]), True
+    return tp, False
+
+
+def _words(tp, optional: bool) -> str:
+    if tp == AutoBool:
+        w = "auto, true or false"
+    elif dataclasses.is_dataclass(tp) or tp is dict:
+        w = "a mapping"
+    else:
+        w = {str: "a string", int: "an integer", float: "a number", bool: "true/false (or 1/0)",
+             list[str]: "a list of strings"}.get(tp, "a list")
+    return w + (" or null" if optional else "")
+
+
+def _parse(path: str, v: Any, tp) -> Any:
+    """v checked against the type tp (and converted: 0/1 to bool, int to float,
+    a string to a one-string list, mappings to sections)."""
+    tp, optional = _optional(tp)
+    if v is None and optional:
+        return None
+    ok = True
+    if tp == AutoBool:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            v = "auto"
+        elif isinstance(v, int) and v in (0, 1):
+            v = bool(v)
+        else:
+            ok = False
+    elif tp is bool:
+        ok = isinstance(v, int) and v in (0, 1)
+        v = bool(v) if ok else v
+    elif tp is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif tp is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        v = float(v) if ok else v
+    elif tp is str:
+        ok = isinstance(v, str)
+    elif tp is dict:
+        ok = isinstance(v, dict)
+    elif tp == list[str]:
+        v = [v] if isinstance(v, str) else v
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    elif typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if v is None:
+            v = []
+        if not isinstance(v, list):
+            ok = False
+        else:
+            return [_parse(f"{path}[{i}]", x, item) for i, x in enumerate(v)]
+    elif dataclasses.is_dataclass(tp):
+        if not isinstance(v, dict):
+            raise ConfigError(f"{path} must be a mapping, got {_typename(v)} {v!r}")
+        return _section(path, v, tp)
+    if not ok:
+        raise ConfigError(f"{path} must be {_words(tp, optional)}, got {_typename(v)} {v!r}")
+    return v
+
+
+def _section(path: str, d: dict, cls):
+    """A mapping read into the section ``cls``: each key parsed and checked, the
+    defaults filled in, then the section's own ``validate``."""
+    fields = _fields(cls)
+    known = [name for f, name, _ in fields if not f.metadata["rest"]]
+    rest = next((f for f, _, _ in fields if f.metadata["rest"]), None)
+    where = f" of {path}" if path else ""
+    values = {}
+    if rest is None:
+        for k in d:
+            if k not in known:
+                raise ConfigError(f"unknown key '{path + '.' if path else ''}{k}'{_suggest(k, known)} "
+                                  f"(valid keys{where}: {', '.join(known)})")
+    else:
+        values[rest.name] = {k: v for k, v in d.items() if k not in known}
+    for f, name, tp in fields:
+        if f.metadata["rest"]:
+            continue
+        p = f"{path}.{name}" if path else name
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if name in d and not (d[name] is None and has_default):  # null: the default
+            v = _parse(p, d[name], tp)
+        elif has_default:
+            v = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        else:
+            raise ConfigError(f"missing required key '{p}'")
+        _check(p, v, f.metadata)
+        values[f.name] = v
+    obj = cls(**values)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def _check(path: str, v: Any, meta) -> None:
+    if v is None:
         return
-    raise ConfigError(f"unknown device '{dev}' (device); choose one of: {', '.join(DEVICE_CHOICES)}")
+    if meta["minimum"] is not None and v < meta["minimum"]:
+        raise ConfigError(f"{path} must be at least {meta['minimum']:g}, got {v}")
+    if meta["choices"] is not None:
+        choices, what = meta["choices"]
+        if v not in choices:
+            raise ConfigError(f"unknown {what} '{v}' ({path}){_suggest(v, choices)} "
+                              f"(choose one of: {', '.join(sorted(choices))})")
+    if meta["check"] is not None:
+        meta["check"](path, v)
 
 
 def config_from_dict(d: dict) -> Config:
@@ -350,162 +411,123 @@ def config_from_dict(d: dict) -> Config:
 
     Raises :class:`ConfigError` with a one-line message on the first problem.
     """
-    from codeq.registry import LOSS_REGISTRY, QUANTIZER_REGISTRY
-    from codeq.train.build import DATASET_REGISTRY, MODEL_REGISTRY, OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
-
     if not isinstance(d, dict):
         raise ConfigError(f"the config must be a mapping of keys to values, got {_typename(d)}")
-    top = _fill("", d, _TOP_KEYS)
+    return _section("", d, Config)
 
-    _choice("model", top["model"], MODEL_REGISTRY, "model")
-    _check_kwargs("model_kwargs", top["model_kwargs"], MODEL_REGISTRY[top["model"]], f"model '{top['model']}'",
-                  reserved=("num_classes", "img_size"))
-    for k in ("epochs", "batch_size", "img_size", "log_interval"):
-        if top[k] < 1:
-            raise ConfigError(f"{k} must be at least 1, got {top[k]}")
-    for k in ("workers", "seed"):
-        if top[k] < 0:
-            raise ConfigError(f"{k} must be 0 or more, got {top[k]}")
-    _check_device(top["device"])
-    if not 0 < top["dist_timeout_min"] < float("inf"):
-        raise ConfigError(f"dist_timeout_min must be more than 0 (minutes), got {top['dist_timeout_min']}")
-    _choice("lr_scheduler", top["lr_scheduler"], SCHEDULER_REGISTRY, "lr_scheduler")
-    if top["wandb_mode"] is not None:
-        _choice("wandb_mode", top["wandb_mode"], WANDB_MODES, "wandb_mode")
-    if top["run_name"] is not None and (not top["run_name"] or os.sep in top["run_name"]):
-        raise ConfigError(f"run_name must be a non-empty name without '{os.sep}', got {top['run_name']!r}")
 
-    quant = None
-    if top["quantizer"] is not None:
-        q = _fill("quantizer", top["quantizer"], _QUANT_KEYS)
-        _choice("quantizer.name", q["name"], QUANTIZER_REGISTRY, "quantizer")
-        kw = q["kwargs"] or {}
-        _check_kwargs("quantizer.kwargs", kw, QUANTIZER_REGISTRY[q["name"]], f"quantizer '{q['name']}'")
-        quant = QuantizerConfig(name=q["name"], kwargs=dict(kw), exclude_layers=list(q["exclude_layers"]))
-
-    o = _fill("optimizer", top["optimizer"], _OPT_KEYS)
-    _choice("optimizer.type", o["type"], OPTIMIZER_REGISTRY, "optimizer")
-    if top["cuda_graph"] is True:  # "auto" turns itself off where graphs cannot run
-        if top["use_compile"]:
-            raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its own "
-                              "way); set one of them to false")
-        if o["type"] not in GRAPH_OPTIMIZERS:
-            raise ConfigError(f"cuda_graph works with the optimizers {', '.join(GRAPH_OPTIMIZERS)} (their fused, "
-                              f"capturable CUDA steps), not '{o['type']}'; set cuda_graph: auto or false")
-    opt_cls = OPTIMIZER_REGISTRY[o["type"]]
-    groups = o["param_groups"]
-    _check_keys("optimizer.param_groups", groups, PARAM_GROUP_NAMES)
-    if "base" not in groups:
-        raise ConfigError("missing required key 'optimizer.param_groups.base'")
-    pg = {
-        name: (_param_group(f"optimizer.param_groups.{name}", groups[name], opt_cls, o["type"]) if name in groups else None)
-        for name in PARAM_GROUP_NAMES
-    }
-    optimizer = OptimizerConfig(type=o["type"], base=pg["base"], dz=pg["dz"], bit=pg["bit"])
-
-    terms = []
-    for i, t in enumerate(top["loss_terms"] or []):
-        where = f"loss_terms[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where} must be a mapping with name/lambda/kwargs, got {_typename(t)} {t!r}")
-        t = _fill(where, t, _LOSS_KEYS)
-        _choice(f"{where}.name", t["name"], LOSS_REGISTRY, "loss term")
-        kw = t["kwargs"] or {}
-        _check_kwargs(f"{where}.kwargs", kw, LOSS_REGISTRY[t["name"]], f"loss term '{t['name']}'", reserved=("model",))
-        terms.append(LossTermConfig(name=t["name"], lam=t["lambda"], kwargs=dict(kw)))
-
-    ds = _fill("dataset", top["dataset"], _DATA_KEYS)
-    _choice("dataset.name", ds["name"], DATASET_REGISTRY, "dataset")
-    _choice("dataset.augment", ds["augment"], AUGMENT_CHOICES, "augmentation")
-    for k in ("train_size", "val_size"):
-        if ds[k] is not None and ds[k] < 1:
-            raise ConfigError(f"dataset.{k} must be at least 1 (or null), got {ds[k]}")
-    if ds["on_device"]:
-        if ds["name"] not in ON_DEVICE_DATASETS:
-            raise ConfigError(f"dataset.on_device works for {' and '.join(ON_DEVICE_DATASETS)} (CIFAR-shaped data "
-                              f"held on the device), not '{ds['name']}'; set dataset.on_device: false")
-        if ds["augment"] == "randaugment":
-            raise ConfigError("dataset.on_device supports augment: standard or none (crop + flip on the device), "
-                              "not randaugment; set dataset.on_device: false for RandAugment")
-    dataset = DatasetConfig(**ds)
-
-    return Config(
-        model=top["model"],
-        epochs=top["epochs"],
-        optimizer=optimizer,
-        model_kwargs=dict(top["model_kwargs"]),
-        batch_size=top["batch_size"],
-        img_size=top["img_size"],
-        device=top["device"],
-        seed=top["seed"],
-        workers=top["workers"],
-        use_compile=top["use_compile"],
-        fused_weights=top["fused_weights"],
-        cuda_graph=top["cuda_graph"],
-        save_dir=top["save_dir"],
-        run_name=top["run_name"],
-        lr_scheduler=top["lr_scheduler"],
-        wandb_project=top["wandb_project"],
-        wandb_mode=top["wandb_mode"],
-        log_interval=top["log_interval"],
-        save_best=top["save_best"],
-        distributed=top["distributed"],
-        sync_bn=top["sync_bn"],
-        dist_timeout_min=top["dist_timeout_min"],
-        quantizer=quant,
-        loss_terms=terms,
-        dataset=dataset,
-    )
+def _to_plain(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f, name, _ in _fields(type(obj)):
+            v = _to_plain(getattr(obj, f.name))
+            if f.metadata["rest"]:
+                out.update(v)
+            else:
+                out[name] = v
+        return out
+    if isinstance(obj, list):
+        return [_to_plain(x) for x in obj]
+    return copy.deepcopy(obj)
 
 
 def config_to_dict(cfg: Config) -> dict:
     """The resolved config as a plain dict of builtins, in the YAML schema
     (``config_from_dict(config_to_dict(cfg)) == cfg``)."""
+    return _to_plain(cfg)
 
-    def group(g: ParamGroupConfig | None):
-        if g is None:
-            return None
-        return {"lr": g.lr, "weight_decay": g.weight_decay, **copy.deepcopy(g.extra)}
 
-    groups = {"base": group(cfg.optimizer.base)}
-    for name in ("dz", "bit"):
-        g = group(getattr(cfg.optimizer, name))
-        if g is not None:
-            groups[name] = g
-    out = {
-        "model": cfg.model,
-        "model_kwargs": copy.deepcopy(cfg.model_kwargs),
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "img_size": cfg.img_size,
-        "device": cfg.device,
-        "seed": cfg.seed,
-        "workers": cfg.workers,
-        "use_compile": bool(cfg.use_compile),
-        "fused_weights": bool(cfg.fused_weights),
-        "cuda_graph": cfg.cuda_graph,
-        "save_dir": cfg.save_dir,
-        "run_name": cfg.run_name,
-        "lr_scheduler": cfg.lr_scheduler,
-        "wandb_project": cfg.wandb_project,
-        "wandb_mode": cfg.wandb_mode,
-        "log_interval": cfg.log_interval,
-        "save_best": bool(cfg.save_best),
-        "distributed": cfg.distributed,
-        "sync_bn": bool(cfg.sync_bn),
-        "dist_timeout_min": float(cfg.dist_timeout_min),
-        "quantizer": None
-        if cfg.quantizer is None
-        else {
-            "name": cfg.quantizer.name,
-            "kwargs": copy.deepcopy(cfg.quantizer.kwargs),
-            "exclude_layers": list(cfg.quantizer.exclude_layers),
-        },
-        "optimizer": {"type": cfg.optimizer.type, "param_groups": groups},
-        "loss_terms": [{"name": t.name, "lambda": t.lam, "kwargs": copy.deepcopy(t.kwargs)} for t in cfg.loss_terms],
-        "dataset": dataclasses.asdict(cfg.dataset),
-    }
+def resume_keys(cls=Config, prefix: str = "") -> list[str]:
+    """The dotted keys that must equal the checkpoint's for ``--resume``."""
+    out = []
+    for f, name, tp in _fields(cls):
+        path = f"{prefix}{name}"
+        if f.metadata["resume"]:
+            out.append(path)
+        elif dataclasses.is_dataclass(_optional(tp)[0]):
+            out += resume_keys(_optional(tp)[0], path + ".")
     return out
+
+
+def _get(d: dict, dotted: str):
+    for p in dotted.split("."):
+        d = d.get(p) if isinstance(d, dict) else None
+    return d
+
+
+def check_resume_compatible(ckpt_config: dict, cfg: Config, path: str = "the checkpoint") -> None:
+    """ConfigError unless the checkpoint's config has this config's values of :func:`resume_keys`."""
+    cur = config_to_dict(cfg)
+    for k in resume_keys():
+        old, new = _get(ckpt_config, k), _get(cur, k)
+        if k == "model_kwargs":
+            old, new = old or {}, new or {}
+        if old != new:
+            raise ConfigError(f"cannot resume from {path}: {k} is {new!r} in the config but {old!r} in the "
+                              "checkpoint; resume with the config the checkpoint was trained with")
+
+
+def _default_text(f) -> str:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "*required*"
+    v = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    if dataclasses.is_dataclass(v):
+        return "its keys' defaults"
+    return "`" + (yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()) + "`"
+
+
+def _type_text(tp) -> str:
+    tp, optional = _optional(tp)
+    if tp == AutoBool:
+        t = "auto / bool"
+    elif dataclasses.is_dataclass(tp):
+        t = "mapping"
+    elif typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        t = "list of mappings" if dataclasses.is_dataclass(item) else f"list of {item.__name__}"
+    else:
+        t = {dict: "mapping", float: "number"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return t + (" or null" if optional else "")
+
+
+def _rows(cls, prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for f, name, tp in _fields(cls):
+        doc = f.metadata["doc"] + (" (must match to resume)" if f.metadata["resume"] else "")
+        if f.metadata["rest"]:
+            rows.append((f"{prefix}*", "any", "", doc))
+            continue
+        path = f"{prefix}{name}"
+        inner = _optional(tp)[0]
+        item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
+        rows.append((path, _type_text(tp), _default_text(f), doc))
+        if dataclasses.is_dataclass(inner) and not (cls is ParamGroups and name != "base"):
+            rows += _rows(inner, path + ".")
+        elif item is not None and dataclasses.is_dataclass(item):
+            rows += _rows(item, path + "[].")
+    return rows
+
+
+def markdown_table() -> str:
+    """The reference table of every config key (docs/TRAINING.md holds it)."""
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {t} | {d} | {doc} |" for k, t, d, doc in _rows(Config, "")]
+    return "\n".join(lines)
+
+
+TABLE_START, TABLE_END = "<!-- config table: made by `make docs` from codeq/train/config.py -->", "<!-- end of config table -->"
+
+
+def write_markdown_table(path: str) -> None:
+    """Replace the text between the markers of ``path`` with :func:`markdown_table`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, sep, rest = text.partition(TABLE_START)
+    _, sep2, tail = rest.partition(TABLE_END)
+    if not sep or not sep2:
+        raise ValueError(f"{path} has no config table markers")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{tail}")
 
 
 # -------------------------------------------------------------- YAML + CLI --
@@ -560,10 +582,10 @@ def apply_overrides(d: dict, overrides) -> dict:
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"--set expects key.sub=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        parts = key.split(".")
-        if not key or any(not p for p in parts):
+        k, raw = item.split("=", 1)
+        k = k.strip()
+        parts = k.split(".")
+        if not k or any(not p for p in parts):
             raise ConfigError(f"--set expects key.sub=value, got {item!r}")
         try:
             value = parse_yaml(raw) if raw.strip() else None
@@ -579,10 +601,10 @@ def apply_overrides(d: dict, overrides) -> dict:
                 node[p] = {}
             node = node[p]
             if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {key}: '{where}' is {_typename(node)} {node!r}, not a mapping")
+                raise ConfigError(f"--set {k}: '{where}' is {_typename(node)} {node!r}, not a mapping")
         last = parts[-1]
         if isinstance(node, list):
-            node[_index(key, last, node)] = value
+            node[_index(k, last, node)] = value
         else:
             node[last] = value
     return d

@@ -16,7 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from codeq.train.config import Config, ConfigError
+from codeq.errors import ConfigError
+from codeq.models import model_num_classes
+from codeq.registry import DATASET_REGISTRY, MODEL_REGISTRY, register_dataset
+from codeq.train.device_data import DeviceLoader
+from codeq.train.sampling import EpochDistributedSampler, ShardSampler, epoch_seed
 
 __all__ = [
     "CIFAR_MEAN",
@@ -30,8 +34,8 @@ __all__ = [
     "IMAGENET_STD",
     "build_imagenet_transforms",
     "build_imagefolder",
+    "build_datasets",
     "build_loaders",
-    "epoch_seed",
 ]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -134,7 +138,8 @@ def _subset(ds, n):
     return ds if n is None or n >= len(ds) else Subset(ds, range(n))
 
 
-def build_cifar10(cfg: Config):
+@register_dataset("cifar10")
+def build_cifar10(cfg):
     """CIFAR-10 from ``dataset.root``: the binary layout when
     ``root/cifar-10-batches-bin`` exists, else torchvision's
     ``root/cifar-10-batches-py`` (downloaded there when ``dataset.download``)."""
@@ -156,12 +161,13 @@ def build_cifar10(cfg: Config):
         raise ConfigError(
             f"CIFAR-10 not found under dataset.root={d.root!r}: expected {os.path.join(root, PY_DIR)} "
             f"(torchvision layout; set dataset.download: true to fetch it) or {os.path.join(root, BIN_DIR)} "
-            f"(binary layout, e.g. bash /path/to/shared/data/cifar10/unpack.sh {d.root})"
+            f"(the binary layout of the official cifar-10-binary.tar.gz, unpacked there)"
         )
     return _subset(train, d.train_size), _subset(val, d.val_size)
 
 
-def build_synthetic(cfg: Config):
+@register_dataset("synthetic")
+def build_synthetic(cfg):
     d = cfg.dataset
     n_train = d.train_size if d.train_size is not None else 1000
     n_val = d.val_size if d.val_size is not None else 200
@@ -202,7 +208,8 @@ def _spread_subset(ds, n):
     return Subset(ds, idx.tolist())
 
 
-def build_imagefolder(cfg: Config):
+@register_dataset("imagefolder")
+def build_imagefolder(cfg):
     """An ImageNet-style data set: ``torchvision.datasets.ImageFolder`` over
     ``dataset.root/train`` and ``dataset.root/val`` (one sub-folder per class,
     the same class folders in both), with :func:`build_imagenet_transforms`.
@@ -233,8 +240,6 @@ def build_imagefolder(cfg: Config):
             f"{train_dir} and {val_dir} must have the same class folders "
             f"({len(train.classes)} vs {len(val.classes)}; only in train: {only_t}, only in val: {only_v})"
         )
-    from codeq.train.build import MODEL_REGISTRY, model_num_classes
-
     n_out = model_num_classes(MODEL_REGISTRY[cfg.model]) if cfg.model in MODEL_REGISTRY else None
     if n_out is not None and len(train.classes) > n_out:
         raise ConfigError(
@@ -243,16 +248,8 @@ def build_imagefolder(cfg: Config):
     return _spread_subset(train, d.train_size), _spread_subset(val, d.val_size)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of the data order (and worker seeds) of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _device_loaders(cfg: Config, train_ds, val_ds, device: torch.device, world: int, rank: int, g):
+def _device_loaders(cfg, train_ds, val_ds, device: torch.device, world: int, rank: int, g):
     """``dataset.on_device``: the same samplers, the data on the device (codeq.train.device_data)."""
-    from codeq.train.device_data import DeviceLoader
-    from codeq.train.distributed import EpochDistributedSampler, ShardSampler
-
     sampler = EpochDistributedSampler(train_ds, world, rank, seed=cfg.seed, generator=None if world > 1 else g)
     augment = cfg.dataset.augment == "standard"
     norm = dict(mean=CIFAR_MEAN, std=CIFAR_STD, img_size=cfg.img_size)
@@ -262,21 +259,19 @@ def _device_loaders(cfg: Config, train_ds, val_ds, device: torch.device, world: 
     return train, val, g
 
 
-def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device, dist=None):
+def build_loaders(cfg, train_ds, val_ds, device: torch.device, dist=None):
     """(train_loader, val_loader, generator).  Reseed ``generator`` with
-    :func:`epoch_seed` before each epoch (and call ``train_loader.sampler.set_epoch``):
+    :func:`codeq.train.sampling.epoch_seed` before each epoch (and call ``train_loader.sampler.set_epoch``):
     the data order then depends only on (seed, epoch), which makes --resume
     continue the same sequence.  The order of epoch ``e`` is ``torch.randperm(n)``
     from a generator seeded with ``epoch_seed(seed, e)``
-    (:class:`~codeq.train.distributed.EpochDistributedSampler`); ``generator``
+    (:class:`~codeq.train.sampling.EpochDistributedSampler`); ``generator``
     also gives the DataLoader's worker seeds.
 
     ``dist`` (an enabled :class:`codeq.train.distributed.DistContext`): each
     process loads ``cfg.batch_size`` samples per step, rank r taking positions
     r, r + W, ... of the same permutation; validation through
-    :class:`~codeq.train.distributed.ShardSampler` (each image once)."""
-    from codeq.train.distributed import EpochDistributedSampler, ShardSampler
-
+    :class:`~codeq.train.sampling.ShardSampler` (each image once)."""
     world, rank = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
     g = torch.Generator()
     g.manual_seed(epoch_seed(cfg.seed + rank, 0))
@@ -297,3 +292,8 @@ def build_loaders(cfg: Config, train_ds, val_ds, device: torch.device, dist=None
     else:
         val = DataLoader(val_ds, shuffle=False, **common)
     return train, val, g
+
+
+def build_datasets(cfg):
+    """(train, val) data sets of ``cfg.dataset`` (ConfigError when missing)."""
+    return DATASET_REGISTRY[cfg.dataset.name](cfg)

@@ -8,7 +8,7 @@ host-to-device copies per step: on a GPU the input pipeline stops being the
 bottleneck of small models such as ResNet-20.
 
 The batch order is the DataLoader path's (the same
-:class:`~codeq.train.distributed.EpochDistributedSampler`, so the same
+:class:`~codeq.train.sampling.EpochDistributedSampler`, so the same
 permutation per (seed, epoch), DDP sharding and resume); the crop offsets and
 flips come from a generator seeded from the epoch's order seed, so a run is
 reproducible and resumable.  Without augmentation (validation, ``augment:
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from codeq.train.config import ConfigError
+from codeq.errors import ConfigError
+from codeq.train.sampling import epoch_seed
 
 __all__ = ["DeviceLoader", "device_arrays"]
 
@@ -86,8 +87,6 @@ class DeviceLoader:
         return torch.as_tensor(list(iter(self.sampler)), dtype=torch.long).to(self.device)
 
     def _aug_generator(self) -> torch.Generator:
-        from codeq.train.data import epoch_seed
-
         order_seed = self.sampler.order_seed() if hasattr(self.sampler, "order_seed") else 0
         rank = int(getattr(self.sampler, "rank", 0))
         g = torch.Generator(device=self.device)

@@ -18,10 +18,10 @@ launch.  What each process does:
 * a CUDA run uses ``cuda:LOCAL_RANK``;
 * ``batch_size`` is per process (global batch = batch_size x world size); the
   learning rate is not rescaled;
-* training samples come from :class:`EpochDistributedSampler` (the permutation
-  of :func:`codeq.train.data.epoch_seed` ``(seed, epoch)``, the one a single
-  process uses, dealt out round-robin), validation from
-  :class:`ShardSampler` (every image exactly once, no padding);
+* training samples come from :class:`codeq.train.sampling.EpochDistributedSampler`
+  (the permutation of ``(seed, epoch)`` a single process uses, dealt out
+  round-robin), validation from :class:`codeq.train.sampling.ShardSampler`
+  (every image exactly once, no padding);
 * epoch sums (loss, correct, count) are all-reduced, so the metrics are those
   of the whole data set; only rank 0 writes files, logs and prints.
 
@@ -39,10 +39,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parametrize
 
-from codeq.train.config import ConfigError
+from codeq.errors import ConfigError
 
 __all__ = [
     "LaunchEnv",
@@ -51,8 +53,6 @@ __all__ = [
     "wants_distributed",
     "init_distributed",
     "resolve_device",
-    "EpochDistributedSampler",
-    "ShardSampler",
     "DEFAULT_TIMEOUT_MIN",
     "TEST_CRASH_ENV",
 ]
@@ -141,8 +141,6 @@ class DistContext:
             if err is not None:
                 raise err
             return
-        import torch.distributed as dist
-
         msgs: list = [None] * self.world_size
         dist.all_gather_object(msgs, None if err is None else str(err))
         failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
@@ -161,8 +159,6 @@ class DistContext:
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled and self.world_size > 1:
-            import torch.distributed as dist
-
             t = t.clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
@@ -173,8 +169,6 @@ class DistContext:
             return
         self.enabled = False
         try:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:
@@ -186,8 +180,6 @@ class DistContext:
         wrapped in DistributedDataParallel; BatchNorm converted to SyncBatchNorm
         first when ``sync_bn``.  The returned wrapper is only for the training
         forward pass; state dicts, loss terms and evaluation use ``model``."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if sync_bn:
             convert_sync_bn(model, device, self.world_size)
         kwargs = {}
@@ -195,13 +187,11 @@ class DistContext:
             kwargs = dict(device_ids=[device.index], output_device=device.index)
         # find_unused_parameters=False: every trainable parameter (weights via the
         # parametrization originals, logit_dz, logit_bit) gets a gradient each step.
-        return DDP(model, find_unused_parameters=False, **kwargs)  # buffers: synced from rank 0 (default)
+        return DistributedDataParallel(model, find_unused_parameters=False, **kwargs)  # buffers: synced from rank 0 (default)
 
 
 def check_sync_bn(model: nn.Module, device: torch.device, world_size: int) -> None:
     """ConfigError when ``sync_bn: true`` cannot work for this model/device."""
-    from torch.nn.utils import parametrize
-
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for name, m in bns:
         if parametrize.is_parametrized(m):
@@ -224,8 +214,6 @@ def convert_sync_bn(model: nn.Module, device: torch.device, world_size: int) -> 
 
 
 def _backend() -> str:
-    import torch.distributed as dist
-
     if torch.cuda.is_available() and dist.is_nccl_available():
         return "cpu:gloo,cuda:nccl"
     return "gloo"
@@ -237,8 +225,6 @@ def init_distributed(env: LaunchEnv, enabled: bool, timeout_min: float | None = 
     the context; a disabled one when not ``enabled``."""
     if not enabled:
         return DistContext(env.rank, env.world_size, env.local_rank, enabled=False)
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise ConfigError("distributed training requested but this PyTorch build has no torch.distributed")
     timeout_min = DEFAULT_TIMEOUT_MIN if timeout_min is None else float(timeout_min)
@@ -259,19 +245,25 @@ def init_distributed(env: LaunchEnv, enabled: bool, timeout_min: float | None = 
                        timeout_min=timeout_min)
 
 
-def resolve_device(name: str, ctx: DistContext) -> torch.device:
-    """The device of this process: ``cuda`` / ``cuda:N`` become ``cuda:LOCAL_RANK``
-    under DDP (and that device is made current)."""
-    from codeq.train.trainer import resolve_device as single
-
-    if not ctx.enabled:
-        return single(name)
+def resolve_device(name: str, ctx: DistContext | None = None) -> torch.device:
+    """The torch.device of this process for a config's ``device``; ConfigError
+    when it is not available here.  Under DDP, ``cuda`` / ``cuda:N`` become
+    ``cuda:LOCAL_RANK`` (made the current device)."""
+    distributed = ctx is not None and ctx.enabled
     if name == "mps":
-        raise ConfigError("distributed training does not support device 'mps'; use cuda or cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{name}' requested but no CUDA GPU is available here; use --device cpu")
-        n = torch.cuda.device_count()
+        if distributed:
+            raise ConfigError("distributed training does not support device 'mps'; use cuda or cpu")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("device 'mps' requested but MPS is not available (it needs a Mac with Apple silicon); "
+                              "use --device cpu")
+        return torch.device("mps")
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but no CUDA GPU is available here; use --device cpu")
+    n = torch.cuda.device_count()
+    if distributed:
         if ctx.local_rank >= n:
             raise ConfigError(
                 f"LOCAL_RANK {ctx.local_rank} needs cuda:{ctx.local_rank} but this node has {n} CUDA device(s); "
@@ -280,61 +272,11 @@ def resolve_device(name: str, ctx: DistContext) -> torch.device:
         dev = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(dev)
         return dev
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------- samplers --
-class EpochDistributedSampler(DistributedSampler):
-    """DistributedSampler whose epoch order is ``torch.randperm(n)`` from a
-    generator seeded with ``epoch_seed(seed, epoch)`` (``set_epoch``); rank r
-    takes positions r, r + W, r + 2W, ... (padded, like DistributedSampler, so
-    every rank has the same number of samples).  So step k of all ranks
-    together holds exactly the samples of step k of one process with a W times
-    larger batch.
-
-    ``generator`` (single-process loaders): the permutation is keyed to the
-    seed last given to that generator (``generator.manual_seed(epoch_seed(seed,
-    epoch))``, as the trainer does every epoch) instead of ``set_epoch``; its
-    random stream is not consumed (the DataLoader draws worker seeds from it)."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int = 0, shuffle: bool = True,
-                 generator: torch.Generator | None = None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.generator = generator
-
-    def order_seed(self) -> int:
-        from codeq.train.data import epoch_seed
-
-        if self.generator is not None:
-            return int(self.generator.initial_seed())
-        return epoch_seed(self.seed, self.epoch)
-
-    def __iter__(self):
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.order_seed())
-            indices = torch.randperm(n, generator=g).tolist()
-        else:
-            indices = list(range(n))
-        pad = self.total_size - n
-        if pad > 0:
-            indices += (indices * (pad // n + 1))[:pad]
-        return iter(indices[self.rank:self.total_size:self.num_replicas])
-
-
-class ShardSampler(DistributedSampler):
-    """Evaluation shards: rank r gets items r, r + W, ... in order, without
-    padding (shards may differ by one item; every item is counted once)."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-
-    def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+    dev = torch.device(name)
+    if dev.index is not None and dev.index >= n:
+        raise ConfigError(f"device '{name}' requested but only {n} CUDA device(s) exist; use --device cuda:0 or "
+                          "--device cpu")
+    return dev
 
 
 def maybe_test_crash(rank: int, epoch: int, step: int) -> None:
@@ -342,8 +284,3 @@ def maybe_test_crash(rank: int, epoch: int, step: int) -> None:
     want = os.environ.get(TEST_CRASH_ENV)
     if want is not None and step == 1 and want.strip() == str(rank):
         raise RuntimeError(f"{TEST_CRASH_ENV}={want}: simulated crash on rank {rank} (test hook)")
-
-
-def print_rank_error(ctx: DistContext | None, msg: str) -> None:
-    prefix = f"[rank {ctx.rank}] " if ctx is not None and ctx.world_size > 1 else ""
-    print(prefix + msg, file=sys.stderr, flush=True)

@@ -2,10 +2,8 @@
 replayed as one CUDA graph.
 
 A small model's step is bound by the host: Python, autograd and a few hundred
-kernel launches cost more than the kernels themselves (on an H200, an MLP step
-took 1.35 ms eagerly and 0.18 ms as a graph replay; ResNet-20 11.5 ms and
-4.5 ms; benchmarks/profile_step.py).  A graph launches the recorded kernels
-with one call.
+kernel launches cost more than the kernels themselves (benchmarks/README.md
+has the measured steps).  A graph launches the recorded kernels with one call.
 
 How a step runs (``GraphStep.step``), per epoch:
 

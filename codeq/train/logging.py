@@ -10,11 +10,11 @@ bounded ``init_timeout``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 
+from codeq._io import json_safe
 from codeq.train.config import Config
 
 __all__ = ["warn", "make_run_dir", "is_run_dir", "Console", "MetricsFile", "WandbLogger", "WANDB_INIT_TIMEOUT"]
@@ -45,17 +45,6 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.yaml"))
 
 
-def _clean(v):
-    """JSON-safe: NaN/Inf become null."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 class MetricsFile:
     """``metrics.jsonl``: one JSON object per completed epoch."""
 
@@ -77,7 +66,7 @@ class MetricsFile:
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
 
 
@@ -205,7 +194,7 @@ class WandbLogger:
             else:
                 flat[k] = v
         try:
-            self.run.log(_clean(flat), step=step)
+            self.run.log(json_safe(flat), step=step)
         except Exception as exc:
             warn(f"wandb log failed ({_first_line(exc)}); wandb logging stopped")
             self.run = None

@@ -4,11 +4,12 @@ glibc's malloc serves blocks over its mmap threshold with fresh mappings, and
 returns freed memory at the top of the heap to the OS once it exceeds the trim
 threshold (both adapt at run time).  A CPU training step allocates and frees
 tensors of the same few sizes every step; with QAT (the quantized weights, the
-gradients of both) glibc ended up mapping 0.8-1.6 MB afresh every step of the
+gradients of both) glibc can end up mapping megabytes afresh every step of the
 CIFAR MLP, and every 4 KiB page of it then costs a page fault and a zeroing
-the first time it is written: 200-400 faults and a few hundred microseconds a
-step.  Fixing both thresholds (32 MiB, glibc's largest mmap threshold, and a
-256 MiB trim threshold) keeps those blocks in the process: 0 faults a step.
+the first time it is written (tests/test_malloc.py counts them;
+benchmarks/results/ab_special_paths.md has what it does to a step).  Fixing
+both thresholds (32 MiB, glibc's largest mmap threshold, and a 256 MiB trim
+threshold) keeps those blocks in the process: no faults a step.
 
 :func:`tune_malloc` does that once per process.  It is a no-op off Linux/glibc,
 when ``CODEQ_MALLOC_TUNING=0``, and when the user set glibc's own

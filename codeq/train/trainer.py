@@ -3,6 +3,7 @@ per-epoch metrics read with one device sync, checkpoints, resume, report."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -14,20 +15,23 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import codeq
+from codeq.checkpoint import get_rng_state, save_checkpoint, set_rng_state
+from codeq.fastpath import FusedWeights
+from codeq.losses import group_lasso
+from codeq.models import build_model, example_input
 from codeq.parametrize import iter_quantizers
 from codeq.registry import LOSS_REGISTRY
-from codeq.train import build
-from codeq.train.checkpoint import get_rng_state, save_checkpoint, set_rng_state
-from codeq.train.config import Config, ConfigError, config_to_dict
-from codeq.train.data import build_loaders, epoch_seed
-from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash
+from codeq.report import compression_report, format_report, save_report
+from codeq.train.config import Config, ConfigError, check_resume_compatible, config_to_dict
+from codeq.train.data import build_datasets, build_loaders
+from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash, resolve_device
+from codeq.train.graph import GraphStep
 from codeq.train.logging import Console, MetricsFile, WandbLogger, warn
 from codeq.train.malloc import tune_malloc
+from codeq.train.optim import build_optimizer, build_scheduler, graph_capable
+from codeq.train.sampling import epoch_seed
 
-__all__ = ["Trainer", "seed_everything", "resolve_device", "check_resume_compatible", "RESUME_KEYS"]
-
-# Config entries that must equal the checkpoint's for --resume.
-RESUME_KEYS = ("model", "model_kwargs", "img_size", "quantizer", "optimizer.type", "lr_scheduler")
+__all__ = ["Trainer", "seed_everything", "build_run_model"]
 
 
 def seed_everything(seed: int) -> None:
@@ -36,43 +40,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def resolve_device(name: str) -> torch.device:
-    """The torch.device for a config's ``device``; ConfigError when it is not available here."""
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{name}' requested but no CUDA GPU is available here; use --device cpu")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
-                "use --device cuda:0 or --device cpu"
-            )
-        return dev
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError("device 'mps' requested but MPS is not available (it needs a Mac with Apple silicon); use --device cpu")
-        return torch.device("mps")
-    return torch.device(name)
-
-
-def _get(d: dict, dotted: str):
-    for p in dotted.split("."):
-        d = d.get(p) if isinstance(d, dict) else None
-    return d
-
-
-def check_resume_compatible(ckpt_config: dict, cfg: Config, path: str = "the checkpoint") -> None:
-    cur = config_to_dict(cfg)
-    for key in RESUME_KEYS:
-        old, new = _get(ckpt_config, key), _get(cur, key)
-        if key == "model_kwargs":
-            old, new = old or {}, new or {}
-        if old != new:
-            raise ConfigError(
-                f"cannot resume from {path}: {key} is {new!r} in the config but {old!r} in the checkpoint; "
-                "resume with the config the checkpoint was trained with"
-            )
+def build_run_model(cfg: Config) -> nn.Module:
+    """The model of ``cfg`` on the CPU, with its quantizers attached.  Seed
+    before calling for a reproducible initialisation."""
+    quantizer = dataclasses.asdict(cfg.quantizer) if cfg.quantizer is not None else None
+    return build_model(cfg.model, img_size=cfg.img_size, model_kwargs=cfg.model_kwargs, quantizer=quantizer)
 
 
 class Trainer:
@@ -105,16 +77,13 @@ class Trainer:
         # which traces the per-layer ops and fuses on its own.
         self.fast, self.fast_term = None, None
         if cfg.fused_weights and not cfg.use_compile and self.quantized:
-            from codeq.fastpath import FusedWeights
-            from codeq.losses import group_lasso
-
             gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
             self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
             self.fast_term = gl_index
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
         if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer
-            use_graph = device.type == "cuda" and not self.dist.enabled and build.graph_capable(cfg)
+            use_graph = device.type == "cuda" and not self.dist.enabled and graph_capable(cfg)
         else:
             use_graph = bool(cfg.cuda_graph)
         if use_graph:
@@ -124,8 +93,6 @@ class Trainer:
             if self.dist.enabled:
                 raise ConfigError("cuda_graph does not work with distributed (DDP) training yet; "
                                   "set cuda_graph: auto or false")
-            from codeq.train.graph import GraphStep
-
             self.graph = GraphStep(self)
 
     @classmethod
@@ -139,10 +106,10 @@ class Trainer:
             codeq.selfcheck(device)  # fused kernels vs the CPU ones, once, before any compile
         # The base seed on every rank: identical model initialisation everywhere.
         seed_everything(cfg.seed)
-        train_ds, val_ds = build.build_datasets(cfg)  # ConfigError if missing: before anything is written
-        model = build.build_model(cfg).to(device)
-        optimizer = build.build_optimizer(cfg, model)
-        scheduler = build.build_scheduler(cfg, optimizer)
+        train_ds, val_ds = build_datasets(cfg)  # ConfigError if missing: before anything is written
+        model = build_run_model(cfg).to(device)
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer)
         train_loader, val_loader, g = build_loaders(cfg, train_ds, val_ds, device, dist=dist)
         trainer = cls(cfg, device, model, optimizer, scheduler, train_loader, val_loader, g, dist=dist)
         if dist is not None and dist.enabled and cfg.sync_bn:
@@ -175,9 +142,7 @@ class Trainer:
                     term = fused_gl
                 else:
                     term = fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
-                # lam == 1: the product would be term itself (x * 1.0 == x, and
-                # so is its gradient); leaving it out saves an op and a node.
-                loss = loss + term if lam == 1.0 else loss + lam * term
+                loss = loss + lam * term
         return loss, ce, logits
 
     def step(self, x: torch.Tensor, y: torch.Tensor):
@@ -420,17 +385,12 @@ class Trainer:
         """The compression report of the final model (codeq.report), printed
         and saved into run_dir; a warning (not a failure) if it cannot be made."""
         out = console.line if console is not None else print
-        try:
-            from codeq.report import compression_report, format_report, save_report
-        except ImportError as exc:
-            warn(f"compression report skipped: codeq.report is not available ({exc})")
-            return None
         self.model.eval()
         try:
-            rep = compression_report(self.model, build.example_input(self.cfg).to(self.device), act_bits=32)
+            rep = compression_report(self.model, example_input(self.cfg.img_size).to(self.device), act_bits=32)
             out(format_report(rep))
             paths = save_report(rep, run_dir)
-            out("report: " + ", ".join(str(p) for p in (paths or {}).values()))
+            out("report: " + ", ".join(str(p) for p in paths.values()))
             return rep
         except Exception as exc:
             warn(f"compression report failed: {type(exc).__name__}: {exc}")

@@ -10,7 +10,7 @@
 #include <tuple>
 #include <vector>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/group_lasso.h"
 
 namespace codeq {
@@ -24,14 +24,8 @@ struct Task {
 };
 
 void check_layers(at::TensorList weights, at::ArrayRef<double> lambdas, const char* op) {
-  TORCH_CHECK(weights.size() == lambdas.size(), "codeq.", op, ": got ", weights.size(), " weights but ",
-              lambdas.size(), " lambdas");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    check_float_tensor(weights[l], op, "weights[i]");
-    TORCH_CHECK(weights[l].dim() >= 2, "codeq.", op, ": weights[", l, "] must have at least 2 dims (out, in, ...), got ",
-                weights[l].sizes());
-    TORCH_CHECK(weights[l].device().is_cpu(), "codeq.", op, ": weights[", l, "] is not on the CPU");
-  }
+  check_group_lasso_layers(weights, lambdas, op);
+  TORCH_CHECK(weights.empty() || weights[0].device().is_cpu(), "codeq.", op, ": the weights are not on the CPU");
 }
 
 std::vector<Task> make_tasks(const std::vector<at::Tensor>& ws) {
@@ -41,12 +35,6 @@ std::vector<Task> make_tasks(const std::vector<at::Tensor>& ws) {
     for (int64_t c = 0; c < cols; c += kColBlock) tasks.push_back({(int64_t)l, c, std::min(cols, c + kColBlock)});
   }
   return tasks;
-}
-
-at::ScalarType loss_dtype(at::TensorList weights) {
-  for (const auto& w : weights)
-    if (w.scalar_type() != at::kDouble) return at::kFloat;
-  return weights.empty() ? at::kFloat : at::kDouble;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> group_lasso_forward_cpu(at::TensorList weights,

@@ -8,7 +8,7 @@
 #include <tuple>
 #include <vector>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/select.h"
 #include "codeq/uniform.h"
 #include "cpu/simd.h"
@@ -18,10 +18,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
-
-void check_bitwidth(int64_t b, const char* op) {
-  TORCH_CHECK(b >= 2 && b <= 16, "codeq.", op, ": bitwidth must be an integer in [2, 16], got ", b);
-}
 
 template <typename scalar_t, typename CT>
 CODEQ_CPU_CLONES void forward_loop(const scalar_t* __restrict w, scalar_t* __restrict out, int64_t b, int64_t e, CT a,
@@ -54,9 +50,7 @@ CT abs_max(const scalar_t* p, int64_t n) {
 }
 
 std::tuple<at::Tensor, at::Tensor> uniform_forward_cpu(const at::Tensor& w, int64_t bitwidth) {
-  check_float_tensor(w, "uniform_forward", "w");
-  TORCH_CHECK(w.numel() > 0, "codeq.uniform_forward: the weight tensor is empty");
-  check_bitwidth(bitwidth, "uniform_forward");
+  check_uniform_inputs(w, bitwidth);
   const at::Tensor wc = w.contiguous();
   const int64_t n = wc.numel();
   at::Tensor out = at::empty_like(wc);
@@ -78,14 +72,7 @@ std::tuple<at::Tensor, at::Tensor> uniform_forward_cpu(const at::Tensor& w, int6
 
 at::Tensor uniform_backward_cpu(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& scale,
                                 int64_t bitwidth) {
-  check_float_tensor(grad, "uniform_backward", "grad");
-  check_float_tensor(w, "uniform_backward", "w");
-  check_bitwidth(bitwidth, "uniform_backward");
-  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == w.scalar_type(),
-              "codeq.uniform_backward: grad must have the shape and dtype of w");
-  const auto ct = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(scale.numel() == 2 && scale.scalar_type() == ct,
-              "codeq.uniform_backward: scale must be the 2-element tensor returned by uniform_forward");
+  check_uniform_backward_inputs(grad, w, scale, bitwidth);
   const at::Tensor wc = w.contiguous(), gc = grad.contiguous(), sc = scale.contiguous();
   const int64_t n = wc.numel();
   at::Tensor out = at::empty_like(wc);

@@ -33,11 +33,6 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-template <typename T>
-__device__ __forceinline__ T load_ldcg(const T* p) {
-  return __ldcg(p);
-}
-
 // Histogram increment that combines the lanes of a warp that hit the same bin
 // (a constant tensor would otherwise serialise every shared-memory atomic on
 // one address).  bin < 0: this lane adds nothing.  Must be reached by every

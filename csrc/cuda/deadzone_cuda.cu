@@ -1,5 +1,8 @@
-// CUDA kernels of the dead-zone compander: deadzone_forward, deadzone_backward.
-// Per-element math: codeq/deadzone.h (the functions the CPU kernels use).
+// CUDA kernels of the dead-zone compander: deadzone_forward, deadzone_backward
+// over a list of layers, one layer after another; the group lasso of the
+// quantized weights is group_lasso_forward / group_lasso_backward
+// (group_lasso_cuda.cu) over the layers that have a lambda.  Per-element
+// math: codeq/deadzone.h (the functions the CPU kernels use).  Per layer:
 //
 // forward : launch_abs_select (quantile_cuda.cu) finds a = quantile(|w|, 0.99)
 //           and writes the scalars on the device; for n <= kSmallN that single
@@ -11,13 +14,15 @@
 //           applies dz::chain_to_logits.  No floating-point atomics: the same
 //           bits on every run.
 #include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
 
 #include <tuple>
+#include <vector>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/deadzone.h"
 #include "cuda/quantile_cuda.cuh"
 
@@ -116,9 +121,9 @@ DzCfg make_cfg(const at::Tensor& logit_dz, const at::Tensor& logit_bit, bool lea
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> deadzone_forward_cuda(const at::Tensor& w, const at::Tensor& logit_dz,
-                                                         const at::Tensor& logit_bit, double fixed_bit,
-                                                         double min_bits, double max_bits, bool learnable_bit) {
+std::tuple<at::Tensor, at::Tensor> forward_layer(const at::Tensor& w, const at::Tensor& logit_dz,
+                                                 const at::Tensor& logit_bit, double fixed_bit, double min_bits,
+                                                 double max_bits, bool learnable_bit) {
   check_deadzone_inputs(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit);
   TORCH_CHECK(w.is_cuda(), "codeq.deadzone_forward: w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
@@ -146,11 +151,10 @@ std::tuple<at::Tensor, at::Tensor> deadzone_forward_cuda(const at::Tensor& w, co
   return {out.view(w.sizes()), scalars};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cuda(const at::Tensor& grad, const at::Tensor& w,
-                                                                      const at::Tensor& scalars,
-                                                                      const at::Tensor& logit_dz,
-                                                                      const at::Tensor& logit_bit, double min_bits,
-                                                                      double max_bits, bool learnable_bit) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_layer(const at::Tensor& grad, const at::Tensor& w,
+                                                              const at::Tensor& scalars, const at::Tensor& logit_dz,
+                                                              const at::Tensor& logit_bit, double min_bits,
+                                                              double max_bits, bool learnable_bit) {
   check_deadzone_backward_inputs(grad, w, scalars, logit_dz, logit_bit);
   TORCH_CHECK(w.is_cuda(), "codeq.deadzone_backward: w must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(w.device());
@@ -182,6 +186,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deadzone_backward_cuda(const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_w.view(w.sizes()), g_dz, g_bit};
+}
+
+// The layers that have a group-lasso lambda.
+std::vector<size_t> gl_layers(at::ArrayRef<double> gl_lambda) {
+  std::vector<size_t> idx;
+  for (size_t l = 0; l < gl_lambda.size(); ++l)
+    if (gl_lambda[l] != 0.0) idx.push_back(l);
+  return idx;
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+DeadZoneOutputs deadzone_forward_cuda(at::TensorList w, at::TensorList logit_dz, at::TensorList logit_bit,
+                                      at::ArrayRef<double> fixed_bit, at::ArrayRef<double> min_bits,
+                                      at::ArrayRef<double> max_bits, const c10::List<bool>& learnable_bit,
+                                      at::ArrayRef<double> gl_lambda) {
+  check_deadzone_lists(w, logit_dz, logit_bit, fixed_bit.size(), min_bits.size(), max_bits.size(),
+                       learnable_bit.size(), gl_lambda, "deadzone_forward");
+  using GlFwd = std::tuple<at::Tensor, std::vector<at::Tensor>>(at::TensorList, at::ArrayRef<double>);
+  static const auto gl_forward = op_handle<GlFwd>("codeq::group_lasso_forward");
+  const size_t n = w.size();
+  std::vector<at::Tensor> w_hat(n), scalars(n), norms(n);
+  for (size_t l = 0; l < n; ++l) {
+    std::tie(w_hat[l], scalars[l]) = forward_layer(w[l], logit_dz[l], logit_bit[l], fixed_bit[l], min_bits[l],
+                                                   max_bits[l], learnable_bit.get(l));
+    norms[l] = at::empty({0}, scalars[l].options());
+  }
+  const auto idx = gl_layers(gl_lambda);
+  if (idx.empty()) return {w_hat, at::zeros({}, w[0].options().dtype(at::kFloat)), scalars, norms};
+  std::vector<at::Tensor> sel;
+  std::vector<double> lam;
+  for (size_t l : idx) {
+    sel.push_back(w_hat[l]);
+    lam.push_back(gl_lambda[l]);
+  }
+  auto [gl_loss, sel_norms] = gl_forward.call(sel, lam);
+  for (size_t k = 0; k < idx.size(); ++k) norms[idx[k]] = sel_norms[k];
+  return {w_hat, gl_loss, scalars, norms};
+}
+
+DeadZoneGrads deadzone_backward_cuda(at::TensorList grad, const at::Tensor& gl_grad, at::TensorList w,
+                                     at::TensorList w_hat, at::TensorList scalars, at::TensorList norms,
+                                     at::TensorList logit_dz, at::TensorList logit_bit, at::ArrayRef<double> min_bits,
+                                     at::ArrayRef<double> max_bits, const c10::List<bool>& learnable_bit,
+                                     at::ArrayRef<double> gl_lambda) {
+  check_deadzone_backward_lists(grad, gl_grad, w, w_hat, scalars, norms, logit_dz, logit_bit, min_bits.size(),
+                                max_bits.size(), learnable_bit.size(), gl_lambda);
+  using GlBwd = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList, at::ArrayRef<double>);
+  static const auto gl_backward = op_handle<GlBwd>("codeq::group_lasso_backward");
+  const size_t n = w.size();
+  std::vector<at::Tensor> g(grad.begin(), grad.end());
+  const auto idx = gl_layers(gl_lambda);
+  if (!idx.empty()) {
+    std::vector<at::Tensor> sel, sel_norms;
+    std::vector<double> lam;
+    for (size_t l : idx) {
+      sel.push_back(w_hat[l]);
+      sel_norms.push_back(norms[l]);
+      lam.push_back(gl_lambda[l]);
+    }
+    const auto gl_g = gl_backward.call(gl_grad, sel, sel_norms, lam);
+    for (size_t k = 0; k < idx.size(); ++k) g[idx[k]] = at::add(g[idx[k]], gl_g[k]);
+  }
+  std::vector<at::Tensor> gw(n), gdz(n), gbit(n);
+  for (size_t l = 0; l < n; ++l) {
+    std::tie(gw[l], gdz[l], gbit[l]) = backward_layer(g[l].contiguous(), w[l], scalars[l], logit_dz[l], logit_bit[l],
+                                                      min_bits[l], max_bits[l], learnable_bit.get(l));
+  }
+  return {gw, gdz, gbit};
 }
 
 }  // namespace

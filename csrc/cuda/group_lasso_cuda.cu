@@ -24,7 +24,7 @@
 #include <tuple>
 #include <vector>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/group_lasso.h"
 #include "cuda/cuda_utils.cuh"
 
@@ -152,25 +152,12 @@ __global__ void __launch_bounds__(kThreads) gl_backward_kernel(const __grid_cons
 
 // ------------------------------------------------------------------- host --
 void check_layers(at::TensorList weights, at::ArrayRef<double> lambdas, const char* op) {
-  TORCH_CHECK(weights.size() == lambdas.size(), "codeq.", op, ": got ", weights.size(), " weights but ",
-              lambdas.size(), " lambdas");
+  check_group_lasso_layers(weights, lambdas, op);
   TORCH_CHECK(!weights.empty(), "codeq.", op, ": got no weights");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    check_float_tensor(weights[l], op, "weights[i]");
-    TORCH_CHECK(weights[l].dim() >= 2, "codeq.", op, ": weights[", l,
-                "] must have at least 2 dims (out, in, ...), got ", weights[l].sizes());
-    TORCH_CHECK(weights[l].is_cuda() && weights[l].device() == weights[0].device(), "codeq.", op, ": weights[", l,
-                "] is on ", weights[l].device(), " but weights[0] is on ", weights[0].device());
-  }
+  TORCH_CHECK(weights[0].is_cuda(), "codeq.", op, ": the weights are not CUDA tensors");
 }
 
 int64_t cols_of(const at::Tensor& w) { return w.size(0) == 0 ? 0 : w.numel() / w.size(0); }
-
-at::ScalarType loss_dtype(at::TensorList weights) {
-  for (const auto& w : weights)
-    if (w.scalar_type() != at::kDouble) return at::kFloat;
-  return at::kDouble;
-}
 
 // Groups the layers into launches: per storage dtype (in order of first
 // appearance), at most kMaxLayers layers each, skipping layers without

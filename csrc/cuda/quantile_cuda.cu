@@ -15,7 +15,7 @@
 
 #include <climits>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/select.h"
 #include "cuda/quantile_cuda.cuh"
 

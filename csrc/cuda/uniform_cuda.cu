@@ -15,7 +15,7 @@
 
 #include <tuple>
 
-#include "codeq/checks.h"
+#include "codeq/ops.h"
 #include "codeq/select.h"
 #include "codeq/uniform.h"
 #include "cuda/quantile_cuda.cuh"
@@ -28,10 +28,6 @@ constexpr int kThreads = 256;
 constexpr int kSmallThreads = 512;
 constexpr int kUnroll = 4;
 constexpr int64_t kMaxBlocks = 1024;
-
-void check_bitwidth(int64_t b, const char* op) {
-  TORCH_CHECK(b >= 2 && b <= 16, "codeq.", op, ": bitwidth must be an integer in [2, 16], got ", b);
-}
 
 template <typename CT>
 __device__ __forceinline__ void atomic_max_key(unsigned long long* p, typename select::KeyTraits<CT>::Key k) {
@@ -117,10 +113,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<at::Tensor, at::Tensor> uniform_forward_cuda(const at::Tensor& w, int64_t bitwidth) {
-  check_float_tensor(w, "uniform_forward", "w");
+  check_uniform_inputs(w, bitwidth);
   TORCH_CHECK(w.is_cuda(), "codeq.uniform_forward: w must be a CUDA tensor");
-  TORCH_CHECK(w.numel() > 0, "codeq.uniform_forward: the weight tensor is empty");
-  check_bitwidth(bitwidth, "uniform_forward");
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.get_device()).stream();
   const at::Tensor wc = w.contiguous();
@@ -157,17 +151,10 @@ std::tuple<at::Tensor, at::Tensor> uniform_forward_cuda(const at::Tensor& w, int
 
 at::Tensor uniform_backward_cuda(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& scale,
                                  int64_t bitwidth) {
-  check_float_tensor(grad, "uniform_backward", "grad");
-  check_float_tensor(w, "uniform_backward", "w");
-  check_bitwidth(bitwidth, "uniform_backward");
+  check_uniform_backward_inputs(grad, w, scale, bitwidth);
   TORCH_CHECK(w.is_cuda(), "codeq.uniform_backward: w must be a CUDA tensor");
-  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == w.scalar_type(),
-              "codeq.uniform_backward: grad must have the shape and dtype of w");
   check_cuda_tensor(grad, w, "uniform_backward", "grad");
   check_cuda_tensor(scale, w, "uniform_backward", "scale");
-  const auto ct = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(scale.numel() == 2 && scale.scalar_type() == ct,
-              "codeq.uniform_backward: scale must be the 2-element tensor returned by uniform_forward");
   const c10::cuda::CUDAGuard guard(w.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(w.get_device()).stream();
   const at::Tensor wc = w.contiguous(), gc = grad.contiguous(), sc = scale.contiguous();

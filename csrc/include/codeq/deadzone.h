@@ -1,7 +1,7 @@
 // The CoDeQ dead-zone compander, written once for the CPU and the CUDA kernels.
-// Equations and their order of evaluation follow ../../../shared spec
-// "quantizer-math.md" and codeq/reference.py line by line, so that the fused
-// kernels round like the eager reference (see the parity contract).
+// Equations and their order of evaluation follow docs/quantizer-math.md and
+// codeq/reference.py line by line, so that the kernels round like the eager
+// reference (see the parity contract there).
 #pragma once
 
 #include "codeq/common.h"

@@ -68,16 +68,6 @@ CODEQ_HD bool key_is_nan(typename KeyTraits<CT>::Key k) {
   return k > KeyTraits<CT>::kInf;
 }
 
-// The first radix pass looks at the top kFirstBits bits below the (cleared)
-// sign bit: 2^15 bins.
-constexpr int kFirstBits = 15;
-constexpr int kFirstBins = 1 << kFirstBits;
-
-template <typename CT>
-CODEQ_HD int first_bin(typename KeyTraits<CT>::Key k) {
-  return static_cast<int>(k >> (KeyTraits<CT>::kBits - 1 - kFirstBits));
-}
-
 // ------------------------------------------------- multi-pass radix select --
 // The CUDA quantile (csrc/cuda/quantile_cuda.cu) selects the key of rank lo by
 // kPasses digit passes of at most kDigitBits bits each, from the most

@@ -1,63 +1,34 @@
-"""Registries of models, optimizers, LR schedulers and data sets, and the
-builders the trainer (and ``python -m codeq.report``) use.
+"""The models of the registry (CIFAR ResNet-20, an MLP, timm's ViT-Tiny and
+TinyViT-5M, torchvision's ResNet-18/50), and :func:`build_model`, which builds
+one by name with quantizers attached: what the trainer, ``codeq.report`` and
+``codeq.export`` build a model with.
 
-Quantizers and loss terms live in :mod:`codeq.registry`.  Adding an entry here
-is one decorator or one dict line::
+Adding a model is one decorator::
 
     @register_model("lenet")
     def lenet(num_classes=10, img_size=32, width=6): ...
 
-    OPTIMIZER_REGISTRY["rmsprop"] = torch.optim.RMSprop
-    SCHEDULER_REGISTRY["step"] = lambda opt, cfg: torch.optim.lr_scheduler.StepLR(opt, step_size=30)
-    DATASET_REGISTRY["mydata"] = my_builder   # fn(cfg) -> (train_dataset, val_dataset)
+``num_classes`` is the default of the function's own ``num_classes`` argument
+(1000 for the ImageNet models, 10 otherwise); ``img_size`` is the config's.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections import OrderedDict
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codeq.train import data as _data
-from codeq.train.config import Config, ConfigError
-from codeq.train.optim import lean_class
+from codeq.errors import ConfigError
+from codeq.parametrize import attach_weight_quantizers
+from codeq.registry import MODEL_REGISTRY, register_model
 
-__all__ = [
-    "MODEL_REGISTRY",
-    "OPTIMIZER_REGISTRY",
-    "SCHEDULER_REGISTRY",
-    "DATASET_REGISTRY",
-    "register_model",
-    "register_dataset",
-    "build_model",
-    "example_input",
-    "build_optimizer",
-    "build_scheduler",
-    "build_datasets",
-    "split_param_groups",
-    "ResNet20",
-    "MLP",
-    "load_pretrained",
-    "model_num_classes",
-]
-
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["ResNet20", "MLP", "build_model", "example_input", "load_pretrained", "model_num_classes"]
 
 
-def register_model(name: str):
-    """Decorator: ``fn(num_classes=10, img_size=32, **model_kwargs) -> nn.Module``."""
-
-    def deco(fn):
-        MODEL_REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-# ------------------------------------------------------------------ models --
 class _ShortcutA(nn.Module):
     """Option-A shortcut of the CIFAR ResNets (He et al. 2016): subsample by 2
     and zero-pad the new channels; no parameters."""
@@ -183,8 +154,6 @@ def load_pretrained(model: nn.Module, path: str, what: str) -> nn.Module:
     state dict, or a dict holding one under "state_dict" or "model"; a
     "module." prefix (DDP) is stripped.  ConfigError for a missing, unreadable
     or non-matching file."""
-    import os
-
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise ConfigError(
@@ -242,8 +211,6 @@ def resnet50(num_classes: int = 1000, img_size: int = 224, pretrained_path: str 
 def model_num_classes(fn) -> int:
     """The number of classes a registered model is built with: the default of
     its ``num_classes`` argument (1000 for the ImageNet models), else 10."""
-    import inspect
-
     try:
         default = inspect.signature(fn).parameters["num_classes"].default
     except (KeyError, TypeError, ValueError):
@@ -251,142 +218,32 @@ def model_num_classes(fn) -> int:
     return default if isinstance(default, int) and not isinstance(default, bool) else 10
 
 
-# ------------------------------------------------------ optimizers, scheds --
-OPTIMIZER_REGISTRY: dict[str, type] = {
-    "adamw": torch.optim.AdamW,
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
-
-SCHEDULER_REGISTRY: dict[str, Callable] = {
-    "cosine": lambda opt, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
-    "none": lambda opt, cfg: None,
-}
-
-# name -> fn(cfg) -> (train_dataset, val_dataset); see codeq.train.data.
-DATASET_REGISTRY: dict[str, Callable] = {
-    "cifar10": _data.build_cifar10,
-    "synthetic": _data.build_synthetic,
-    "imagefolder": _data.build_imagefolder,
-}
-
-
-def register_dataset(name: str):
-    def deco(fn):
-        DATASET_REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-# ---------------------------------------------------------------- builders --
-def build_model(cfg: Config) -> nn.Module:
-    """The model of ``cfg`` on the CPU, with quantizers attached per
-    ``cfg.quantizer`` (none when it is absent).  Seed before calling for a
-    reproducible initialisation."""
-    from codeq.parametrize import attach_weight_quantizers
-
-    fn = MODEL_REGISTRY[cfg.model]
+def build_model(name: str, img_size: int = 32, model_kwargs: dict | None = None, quantizer: dict | None = None) -> nn.Module:
+    """The registered model ``name`` on the CPU, built for ``img_size`` inputs
+    with ``model_kwargs``, and quantizers attached per ``quantizer`` (a mapping
+    with ``name``, ``kwargs`` and ``exclude_layers``, as the config's
+    ``quantizer`` section; none when it is None).  ConfigError when it cannot
+    be built.  Seed before calling for a reproducible initialisation."""
+    fn = MODEL_REGISTRY.get(name)
+    if fn is None:
+        raise ConfigError(f"unknown model {name!r} (choose one of: {', '.join(sorted(MODEL_REGISTRY))})")
+    model_kwargs = dict(model_kwargs or {})
     try:
-        model = fn(num_classes=model_num_classes(fn), img_size=cfg.img_size, **cfg.model_kwargs)
+        model = fn(num_classes=model_num_classes(fn), img_size=img_size, **model_kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ConfigError(f"cannot build model '{cfg.model}' with model_kwargs {cfg.model_kwargs}: {exc}") from None
-    if cfg.quantizer is not None:
+        raise ConfigError(f"cannot build model '{name}' with model_kwargs {model_kwargs}: {exc}") from None
+    if quantizer is not None:
+        kwargs = dict(quantizer.get("kwargs") or {})
         try:
-            attach_weight_quantizers(
-                model,
-                exclude_layers=cfg.quantizer.exclude_layers,
-                quantizer=cfg.quantizer.name,
-                quantizer_kwargs=cfg.quantizer.kwargs,
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"cannot build quantizer '{cfg.quantizer.name}' with kwargs {cfg.quantizer.kwargs}: {exc}") from None
+            attach_weight_quantizers(model, exclude_layers=quantizer.get("exclude_layers") or [],
+                                     quantizer=quantizer["name"], quantizer_kwargs=kwargs)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot build quantizer '{quantizer.get('name')}' with kwargs {kwargs}: {exc}") from None
     return model
 
 
-def example_input(cfg: Config, batch_size: int = 1) -> torch.Tensor:
-    """A batch of the shape the model takes: ``batch_size x 3 x img_size x img_size``
-    (normalised-image-like values, fixed seed, CPU)."""
+def example_input(img_size: int, batch_size: int = 1) -> torch.Tensor:
+    """A batch of the shape the models take: ``batch_size x 3 x img_size x
+    img_size`` (normalised-image-like values, fixed seed, CPU)."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
-
-
-def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Trainable parameters split by name: ``dz`` (contains ``logit_dz``),
-    ``bit`` (``logit_bit``), ``base`` (the rest).  Frozen ones are left out."""
-    groups: dict[str, list] = {"base": [], "dz": [], "bit": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = "dz" if "logit_dz" in name else "bit" if "logit_bit" in name else "base"
-        groups[key].append((name, p))
-    return groups
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer with up to three param groups named base / dz / bit (in
-    that order, empty ones left out).  dz and bit take base's hyper-parameters
-    when the YAML has no group of their own."""
-    cls = OPTIMIZER_REGISTRY[cfg.optimizer.type]
-    split = split_param_groups(model)
-    groups = []
-    for name in ("base", "dz", "bit"):
-        if not split[name]:
-            continue
-        gcfg = getattr(cfg.optimizer, name) or cfg.optimizer.base
-        groups.append({"params": [p for _, p in split[name]], "name": name, **gcfg.hparams()})
-    if not groups:
-        raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
-    extra = {}
-    on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
-    if cfg.cuda_graph is True or (cfg.cuda_graph == "auto" and on_cuda and graph_capable(cfg, cls)):
-        # One CUDA graph replays the whole step (codeq/train/graph.py): the fused
-        # step kernels, with Adam's step counters on the device (capturable).
-        if not graph_capable(cfg, cls):
-            raise ConfigError(f"cuda_graph needs a torch Adam, AdamW or SGD optimizer; "
-                              f"'{cfg.optimizer.type}' is {cls!r}; set cuda_graph: auto or false")
-        if not any(k in g for g in groups for k in ("fused", "foreach")):
-            extra["fused"] = True
-        if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
-            extra["capturable"] = True
-    elif _wants_fused(cls, groups):
-        # One fused kernel for all parameters instead of a Python loop per tensor:
-        # QAT adds two scalar logits per layer, which the per-tensor loop pays for;
-        # and torch's per-group Python trimmed (codeq/train/optim.py).
-        extra["fused"] = True
-        cls = lean_class(cls)
-    try:
-        return cls(groups, **extra)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build optimizer '{cfg.optimizer.type}': {exc}") from None
-
-
-_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
-
-
-def graph_capable(cfg: Config, cls=None) -> bool:
-    """Whether this config's optimizer and mode allow ``cuda_graph`` (torch's Adam,
-    AdamW or SGD, whose fused steps capture; not under ``use_compile``)."""
-    cls = OPTIMIZER_REGISTRY.get(cfg.optimizer.type) if cls is None else cls
-    return (not cfg.use_compile) and isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)
-
-
-def _wants_fused(cls, groups) -> bool:
-    """Use the fused implementation of Adam/AdamW/SGD when the user chose no
-    implementation (``fused``/``foreach``) and every parameter is a float
-    tensor on the CPU or a CUDA device (where torch has fused kernels)."""
-    if not (isinstance(cls, type) and issubclass(cls, _FUSED_OPTIMIZERS)):
-        return False
-    if any(k in g for g in groups for k in ("fused", "foreach", "differentiable", "capturable")):
-        return False
-    params = [p for g in groups for p in g["params"]]
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def build_scheduler(cfg: Config, optimizer):
-    return SCHEDULER_REGISTRY[cfg.lr_scheduler](optimizer, cfg)
-
-
-def build_datasets(cfg: Config):
-    """(train, val) data sets of ``cfg.dataset`` (raises ConfigError when missing)."""
-    return DATASET_REGISTRY[cfg.dataset.name](cfg)
+    return torch.randn(batch_size, 3, img_size, img_size, generator=g)

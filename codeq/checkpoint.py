@@ -1,10 +1,11 @@
-"""Checkpoints: atomic writes, ``weights_only`` loading, RNG state as plain
-tensors/builtins.
+"""Trainer checkpoints: atomic writes, ``weights_only`` loading, RNG state as
+plain tensors/builtins, and the model a checkpoint holds.
 
 A checkpoint is a dict with the keys ``model`` (state_dict), ``optimizer``,
 ``scheduler`` (state_dict or None), ``epoch`` (completed epochs),
-``best_acc``, ``config`` (the resolved config, plain builtins), ``rng``
-(torch / numpy / python RNG states) and ``codeq_version``.
+``best_acc``, ``config`` (the resolved config, plain builtins; its ``model``,
+``model_kwargs``, ``img_size`` and ``quantizer`` entries describe the model),
+``rng`` (torch / numpy / python RNG states) and ``codeq_version``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
 from codeq._io import atomic_file
-
-from codeq.train.config import ConfigError
+from codeq.errors import ConfigError
+from codeq.models import build_model
 
 __all__ = [
     "CheckpointError",
     "CHECKPOINT_KEYS",
     "save_checkpoint",
     "load_checkpoint",
+    "load_model",
     "get_rng_state",
     "set_rng_state",
 ]
@@ -62,6 +65,24 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a codeq checkpoint (needs the keys {', '.join(CHECKPOINT_KEYS)})")
     return ckpt
+
+
+def load_model(path, map_location="cpu") -> tuple[nn.Module, dict, dict]:
+    """(model, config, checkpoint) of a trainer checkpoint: the model rebuilt
+    from the config's ``model``, ``model_kwargs``, ``img_size`` and
+    ``quantizer``, its trained state loaded, in eval mode.  CheckpointError
+    (one line) when the file or its contents do not fit."""
+    ckpt = load_checkpoint(path, map_location=map_location)
+    config = ckpt["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise CheckpointError(f"{path}: its config does not name a model")
+    try:
+        model = build_model(config["model"], img_size=int(config.get("img_size", 32)),
+                            model_kwargs=config.get("model_kwargs"), quantizer=config.get("quantizer"))
+        model.load_state_dict(ckpt["model"])
+    except Exception as exc:  # a registry name this codeq lacks, bad kwargs, mismatched state
+        raise CheckpointError(f"cannot rebuild the model of {path}: {' '.join(str(exc).split())[:300]}") from None
+    return model.eval(), config, ckpt
 
 
 # ---------------------------------------------------------------------- RNG --
