@@ -491,7 +491,10 @@ def _type_text(tp) -> str:
 
 
 def _rows(cls, prefix: str) -> list[tuple[str, str, str, str]]:
-    rows = []
+    """(key, type, default, doc) of every key of a section and its sub-sections; a
+    sub-section of the same kind as one before it (the dz and bit parameter groups,
+    like base) is one row."""
+    rows, expanded = [], set()
     for f, name, tp in _fields(cls):
         doc = f.metadata["doc"] + (" (must match to resume)" if f.metadata["resume"] else "")
         if f.metadata["rest"]:
@@ -501,7 +504,8 @@ def _rows(cls, prefix: str) -> list[tuple[str, str, str, str]]:
         inner = _optional(tp)[0]
         item = typing.get_args(inner)[0] if typing.get_origin(inner) is list else None
         rows.append((path, _type_text(tp), _default_text(f), doc))
-        if dataclasses.is_dataclass(inner) and not (cls is ParamGroups and name != "base"):
+        if dataclasses.is_dataclass(inner) and inner not in expanded:
+            expanded.add(inner)
             rows += _rows(inner, path + ".")
         elif item is not None and dataclasses.is_dataclass(item):
             rows += _rows(item, path + "[].")
