@@ -49,6 +49,6 @@ bench: install
 clean:
 	rm -rf build dist *.egg-info codeq/*.so
 
-# The generated parts of the docs (the config reference table of docs/TRAINING.md).
-docs: install
-	$(PY) -c "from codeq.train.config import write_markdown_table; write_markdown_table('docs/TRAINING.md')"
+# The generated part of the docs: the config reference table of docs/TRAINING.md.
+docs:
+	PYTHONPATH=. $(if $(wildcard $(PY)),$(PY),python3) -c "from codeq.train.config import write_markdown_table; write_markdown_table('docs/TRAINING.md')"
