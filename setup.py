@@ -130,7 +130,7 @@ setup(
     description="CoDeQ: joint pruning and quantization-aware training with a learned dead-zone quantizer",
     packages=find_packages(include=["codeq", "codeq.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "torchvision", "timm", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.4", "torchvision", "timm", "pyyaml", "tqdm", "matplotlib"],
     extras_require={"wandb": ["wandb"], "test": ["pytest"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

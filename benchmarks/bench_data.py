@@ -41,6 +41,7 @@ def make_cfg(args, on_device: bool, model: str):
     ds = {"name": "synthetic", "train_size": 10_000, "val_size": 100} if args.synthetic else \
         {"name": "cifar10", "root": args.root, "val_size": 100}
     ds["on_device"] = on_device
+    ds["augment"] = "standard"  # what the device path supports: the same recipe on both paths
     return config_from_dict({
         "model": model, "epochs": 1, "batch_size": args.batch, "device": args.device, "workers": args.workers,
         "save_dir": "/tmp/codeq_bench_data", "seed": 0, "dataset": ds,

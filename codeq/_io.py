@@ -6,11 +6,12 @@ JSON without NaN or Inf (metrics, reports)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
 
-__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes", "json_safe"]
+__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes", "json_safe", "read_jsonl"]
 
 
 def temp_path(path: str) -> str:
@@ -60,3 +61,18 @@ def json_safe(v):
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
     return v
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a JSON-lines file (metrics.jsonl); a line that is not
+    one (a write cut short by a kill) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out

@@ -1,9 +1,12 @@
-"""The error for a user mistake: a one-line message that the command-line
-tools print as ``error: ...`` with exit code 2 (never a traceback)."""
+"""The errors the command-line tools print as one ``error: ...`` line (never a
+traceback): a user mistake (exit code 2) and a diverged run (exit code 3)."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError"]
+__all__ = ["ConfigError", "TrainingDiverged", "DIVERGED_EXIT_CODE"]
+
+# run_training.py's exit code when training stops on a non-finite loss.
+DIVERGED_EXIT_CODE = 3
 
 
 class ConfigError(Exception):
@@ -12,3 +15,13 @@ class ConfigError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped at the first non-finite loss.  ``epoch`` and ``step``
+    are 1-based; ``term`` names what went non-finite (the cross-entropy, a loss
+    term or the total loss); the message is one line."""
+
+    def __init__(self, message: str, epoch: int, step: int, term: str):
+        super().__init__(" ".join(str(message).split()))
+        self.epoch, self.step, self.term = epoch, step, term

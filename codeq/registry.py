@@ -66,6 +66,12 @@ def register_model(name: str):
     return _register(MODEL_REGISTRY, name)
 
 
-def register_dataset(name: str):
-    """Function decorator: ``fn(cfg) -> (train_dataset, val_dataset)``"""
-    return _register(DATASET_REGISTRY, name)
+def register_dataset(name: str, augment: str = "standard"):
+    """Function decorator: ``fn(cfg) -> (train_dataset, val_dataset)``.
+    ``augment``: the data set's training recipe when the config leaves
+    ``dataset.augment`` unset (kept as ``fn.default_augment``)."""
+    def deco(fn):
+        fn.default_augment = augment
+        return _register(DATASET_REGISTRY, name)(fn)
+
+    return deco

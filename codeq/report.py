@@ -18,13 +18,19 @@ Per layer (every nn.Linear / conv layer, plus any other module whose
 disabled quantizer keeps its bit-width and is flagged ``enabled=False``),
 ``b_a`` the activation bit-width (``act_bits``, default 32).
 
-Command line: ``python -m codeq.report CHECKPOINT [--out DIR] [--act-bits 32]``.
+The trainer's per-epoch ``relative_bops`` (``eval_bobs``) is the published
+trainer's ratio instead (:func:`relative_bops`): pruned output channels (whole
+rows of ŵ) rather than single weights, and 8-bit activations and reference
+weights by default.
+
+Command line: ``python -m codeq.report CHECKPOINT [--out DIR] [--act-bits 32]``,
+or ``python -m codeq.report RUN_DIR [RUN_DIR ...] [--out CHART.png]`` for a
+table of runs and their accuracy-vs-relative-BOPs chart.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -34,13 +40,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq._io import atomic_write_bytes, json_safe
+from codeq._io import atomic_write_bytes, json_safe, read_jsonl
 from codeq.checkpoint import load_model
 from codeq.errors import ConfigError
 from codeq.models import example_input
 from codeq.parametrize import iter_quantizers
+from codeq.plots import compression_figure, runs_figure, save_figure
 
-__all__ = ["compression_report", "format_report", "render_png", "save_report", "main", "ReportError"]
+__all__ = ["compression_report", "format_report", "layer_macs", "relative_bops", "save_report", "main",
+           "ReportError"]
 
 DENSE_BITS = 32
 
@@ -133,33 +141,82 @@ def compression_report(model: nn.Module, example_input, act_bits: int = 32) -> d
             continue
         targets.append((name, m, kind))
 
-    out_numel = {id(m): 0 for _, m, _ in targets}
-    calls = {id(m): 0 for _, m, _ in targets}
+    out_numel = _output_sizes(model, example_input, [m for _, m, k in targets if k is not None])
+    with torch.no_grad(), parametrize.cached():
+        rows = [_layer_row(index, name, m, kind, quantizers.get(id(m)), out_numel.get(id(m), (0, 0)), batch, act_bits)
+                for index, (name, m, kind) in enumerate(targets)]
+
+    return {"act_bits": act_bits, "batch_size": batch, "layers": rows, "totals": _totals(rows)}
+
+
+def _output_sizes(model: nn.Module, example_input, modules) -> dict:
+    """{id(module): (output elements, calls)} of ``modules`` over one eval-mode,
+    no-grad forward pass of ``example_input`` (train flags restored)."""
+    sizes = {id(m): (0, 0) for m in modules}
 
     def hook(mod, inp, out):
-        out_numel[id(mod)] += _out_numel(out)
-        calls[id(mod)] += 1
+        n, c = sizes[id(mod)]
+        sizes[id(mod)] = (n + _out_numel(out), c + 1)
 
-    handles = [m.register_forward_hook(hook) for _, m, k in targets if k is not None]
+    handles = [m.register_forward_hook(hook) for m in modules]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), parametrize.cached():
             _call(model, example_input)
-            rows = []
-            for index, (name, m, kind) in enumerate(targets):
-                rows.append(_layer_row(index, name, m, kind, quantizers.get(id(m)), out_numel[id(m)], calls[id(m)],
-                                       batch, act_bits))
     finally:
         for h in handles:
             h.remove()
         for m, t in modes:
             m.training = t
+    return sizes
 
-    return {"act_bits": act_bits, "batch_size": batch, "layers": rows, "totals": _totals(rows)}
+
+def _macs(m: nn.Module, kind: str | None, out_per_sample: float) -> tuple[float, float | None]:
+    """(dense MACs per sample, rows) of a layer from its output size: conv:
+    outputs x in_channels/groups x kernel; linear: in x out x rows (rows: the
+    output's leading elements, e.g. a ViT's tokens)."""
+    if kind == "conv":
+        k = math.prod(m.kernel_size) if isinstance(m.kernel_size, tuple) else int(m.kernel_size)
+        return float(out_per_sample * (m.in_channels // m.groups) * k), None
+    if kind == "linear":
+        rows = out_per_sample / m.out_features if m.out_features else 0.0
+        return float(m.in_features * m.out_features * rows), rows
+    return 0.0, None
 
 
-def _layer_row(index, name, m, kind, qinfo, numel_out, ncalls, batch, act_bits) -> dict:
+def layer_macs(model: nn.Module, example_input) -> list[tuple[str, nn.Module, float]]:
+    """(name, module, dense MACs per sample) of every Linear and conv layer of
+    ``model`` in module order, measured by one forward pass of ``example_input``."""
+    layers = [(name or "(model)", m) for name, m in model.named_modules() if _layer_kind(m) is not None]
+    sizes = _output_sizes(model, example_input, [m for _, m in layers])
+    batch = _batch_size(example_input)
+    return [(name, m, _macs(m, _layer_kind(m), sizes[id(m)][0] / batch)[0]) for name, m in layers]
+
+
+def relative_bops(layers: list[dict], weight_bits: int = 8, act_bits: int = 8) -> dict:
+    """The published trainer's BOPs ratio (docs/TRAINING.md, "Relative BOPs per
+    epoch").  ``layers`` in module order, each ``{"name", "macs", "row_sparsity",
+    "bits"}`` (``bits`` None: no active quantizer, ``weight_bits`` counted)::
+
+        BOPs_l   = (1 - row_sparsity_{l-1}) (1 - row_sparsity_l) MACs_l  b_w,l  act_bits
+        dense_l  = MACs_l  weight_bits  act_bits
+        relative = sum BOPs_l / sum dense_l
+
+    Returns ``{"relative": R, "layers": {name: {"relative", "bits", "row_sparsity"}}}``."""
+    out, bops, dense, prev = {}, 0.0, 0.0, 0.0
+    for layer in layers:
+        b_w = int(layer["bits"]) if layer["bits"] is not None else int(weight_bits)
+        r = float(layer["row_sparsity"])
+        lb = (1 - prev) * (1 - r) * layer["macs"] * b_w * act_bits
+        ld = layer["macs"] * weight_bits * act_bits
+        out[layer["name"]] = {"relative": lb / ld if ld else None, "bits": b_w, "row_sparsity": r}
+        bops, dense, prev = bops + lb, dense + ld, r
+    return {"relative": bops / dense if dense else None, "layers": out}
+
+
+def _layer_row(index, name, m, kind, qinfo, sizes, batch, act_bits) -> dict:
+    numel_out, ncalls = sizes
     w = m.weight.detach()
     params = int(w.numel())
     nonzero = int(torch.count_nonzero(w))
@@ -186,19 +243,8 @@ def _layer_row(index, name, m, kind, qinfo, numel_out, ncalls, batch, act_bits) 
         if hasattr(q, "get_deadzone_fraction"):
             row["deadzone_fraction"] = float(q.get_deadzone_fraction())
 
-    out_per_sample = numel_out / batch
-    if kind == "conv":
-        k = math.prod(m.kernel_size) if isinstance(m.kernel_size, tuple) else int(m.kernel_size)
-        macs = out_per_sample * (m.in_channels // m.groups) * k
-        row["rows"] = None
-    elif kind == "linear":
-        rows_ = out_per_sample / m.out_features if m.out_features else 0.0
-        macs = m.in_features * m.out_features * rows_
-        row["rows"] = rows_
-    else:
-        macs = 0.0
-        row["rows"] = None
-    row["macs"] = float(macs)
+    macs, row["rows"] = _macs(m, kind, numel_out / batch)
+    row["macs"] = macs
     row["bops"] = float(macs * row["density"] * row["bits"] * act_bits)
     row["dense_bops"] = float(macs * DENSE_BITS * DENSE_BITS)
     row["storage_bits"] = float(params * row["bits"] * row["density"])
@@ -286,78 +332,6 @@ def format_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- files --
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def render_png(report: dict, width: int = 1000):
-    """A PIL image: per-layer sparsity (top panel) and weight bit-width (bottom panel)."""
-    from PIL import Image, ImageDraw
-
-    rows = report["layers"]
-    n = max(len(rows), 1)
-    ml, mr, top, panel_h, gap, bottom = 70, 20, 70, 230, 70, 60
-    height = top + 2 * panel_h + gap + bottom
-    img = Image.new("RGB", (width, height), "white")
-    dr = ImageDraw.Draw(img)
-    f_title, f_axis, f_tick = _font(20), _font(15), _font(12)
-    t = report["totals"]
-    rel = t["relative_bops"]
-    title = "codeq compression report"
-    if rel:
-        title += f"  -  relative BOPs {rel:.4g} (1/{1 / rel:.1f}), sparsity {t['sparsity']:.1%}"
-    dr.text((ml, 12), title, fill="black", font=f_title)
-
-    max_bits = max([r["bits"] for r in rows] + [8.0])
-    max_bits = float(2 ** math.ceil(math.log2(max_bits)))
-    plot_w = width - ml - mr
-    slot = plot_w / n
-    bar_w = min(60.0, max(1.0, slot * 0.7))
-    label_every = max(1, math.ceil(n / (plot_w / 28)))
-    blue, orange, grey = (52, 101, 164), (230, 126, 34), (170, 170, 170)
-
-    def panel(y0, key, vmax, color, ylabel, ticks, fmt):
-        y1 = y0 + panel_h
-        for v in ticks:
-            y = y1 - v / vmax * panel_h
-            dr.line([ml - 5, y, ml, y], fill="black")
-            dr.line([ml + 1, y, ml + plot_w - 1, y], fill=(230, 230, 230))
-            txt = fmt(v)
-            tw = dr.textlength(txt, font=f_tick)
-            dr.text((ml - 8 - tw, y - 7), txt, fill="black", font=f_tick)
-        dr.text((ml, y0 - 22), ylabel, fill="black", font=f_axis)
-        for i, r in enumerate(rows):
-            v = r[key]
-            x0 = ml + i * slot + (slot - bar_w) / 2
-            h = min(max(v, 0.0), vmax) / vmax * panel_h
-            c = color if (r["quantizer"] is not None and r["enabled"] is not False) or key == "sparsity" else grey
-            if h > 0:
-                dr.rectangle([x0, y1 - h, x0 + bar_w, y1], fill=c)
-            if i % label_every == 0:
-                s = str(r["index"])
-                tw = dr.textlength(s, font=f_tick)
-                dr.text((x0 + bar_w / 2 - tw / 2, y1 + 4), s, fill="black", font=f_tick)
-        dr.rectangle([ml, y0, ml + plot_w, y1], outline="black")
-
-    panel(top, "sparsity", 1.0, blue, "sparsity (fraction of weights exactly 0)",
-          [0, 0.25, 0.5, 0.75, 1.0], lambda v: f"{v:.2f}")
-    bt = [max_bits * k / 4 for k in range(5)]
-    panel(top + panel_h + gap, "bits", max_bits, orange, "weight bit-width", bt, lambda v: f"{v:g}")
-    y_leg = height - bottom + 22
-    dr.text((ml, y_leg), "layer index", fill="black", font=f_axis)
-    x = ml + 140
-    for c, lab in ((blue, "sparsity"), (orange, "bits (quantized)"), (grey, "bits (no/disabled quantizer)")):
-        dr.rectangle([x, y_leg + 2, x + 14, y_leg + 16], fill=c)
-        dr.text((x + 20, y_leg), lab, fill="black", font=f_axis)
-        x += 30 + dr.textlength(lab, font=f_axis)
-    return img
-
-
 def save_report(report: dict, out_dir: str, stem: str = "compression_report") -> dict:
     """Write ``<stem>.json`` and ``<stem>.png`` into ``out_dir`` (created if
     needed), each atomically.  Returns ``{"json": path, "png": path}``."""
@@ -365,9 +339,7 @@ def save_report(report: dict, out_dir: str, stem: str = "compression_report") ->
     jpath = os.path.join(out_dir, f"{stem}.json")
     ppath = os.path.join(out_dir, f"{stem}.png")
     atomic_write_bytes(jpath, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
-    buf = io.BytesIO()
-    render_png(report).save(buf, format="PNG")
-    atomic_write_bytes(ppath, buf.getvalue())
+    save_figure(compression_figure(report), ppath)
     return {"json": jpath, "png": ppath}
 
 
@@ -377,21 +349,88 @@ def _one_line(e: BaseException) -> str:
     return msg if len(msg) <= 300 else msg[:297] + "..."
 
 
+RUNS_CHART = "accuracy_vs_bops.png"
+
+
+def read_run(run_dir: str) -> dict:
+    """``{"name", "records"}`` of a run directory (its metrics.jsonl)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ReportError(f"{run_dir} is not a run directory: it has no metrics.jsonl")
+    try:
+        records = read_jsonl(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"cannot read {path}: {_one_line(e)}") from None
+    return {"name": os.path.basename(os.path.normpath(run_dir)), "records": records}
+
+
+def _runs_table(runs: list[dict]) -> str:
+    head = ["run", "epochs", "val_acc", "best", "rel BOPs", "sparsity", "bits"]
+    table = [head]
+    for run in runs:
+        last = run["records"][-1]
+
+        def num(k, fmt):
+            v = last.get(k)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+        best = max(r.get("val_acc", 0.0) for r in run["records"])
+        table.append([run["name"], str(last.get("epoch", "-")), num("val_acc", ".4f"), f"{best:.4f}",
+                      num("relative_bops", ".4f"), num("sparsity_mean", ".4f"), num("bits_mean", ".2f")])
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in table)
+
+
+def compare_runs(run_dirs: list[str], out: str) -> str:
+    """Print a table of the runs and draw them on one accuracy-vs-relative-BOPs
+    chart at ``out``; runs without relative BOPs (``eval_bobs: false``) are
+    listed but not drawn."""
+    runs = [read_run(d) for d in run_dirs]
+    empty = [r["name"] for r in runs if not r["records"]]
+    if empty:
+        raise ReportError(f"no completed epoch in {', '.join(empty)} (metrics.jsonl is empty)")
+    print(_runs_table(runs))
+    drawn = [r for r in runs if any(isinstance(x.get("relative_bops"), (int, float)) for x in r["records"])]
+    missing = [r["name"] for r in runs if r not in drawn]
+    if not drawn:
+        raise ReportError("none of the runs logged relative_bops (they were trained with eval_bobs: false)")
+    if missing:
+        print(f"not drawn (no relative_bops; trained with eval_bobs: false): {', '.join(missing)}")
+    try:
+        return save_figure(runs_figure(drawn), out)
+    except OSError as e:
+        raise ReportError(f"cannot write {out}: {_one_line(e)}") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m codeq.report",
-                                description="Compression report (sparsity, bits, BOPs) of a codeq trainer checkpoint.")
-    p.add_argument("checkpoint", help="trainer checkpoint (.th / .pt)")
-    p.add_argument("--out", default=None, help="directory for compression_report.json/.png (default: the checkpoint's)")
-    p.add_argument("--act-bits", type=float, default=32.0, help="activation bit-width b_a (default 32)")
-    p.add_argument("--stem", default="compression_report", help="file name stem of the outputs")
+    p = argparse.ArgumentParser(
+        prog="python -m codeq.report",
+        description="A checkpoint: its compression report (sparsity, bits, BOPs per layer). "
+        "Run directories: a table of the runs and one chart of their accuracy against relative BOPs.")
+    p.add_argument("paths", nargs="+", metavar="CHECKPOINT | RUN_DIR",
+                   help="one trainer checkpoint (.th / .pt), or one or more run directories")
+    p.add_argument("--out", default=None,
+                   help="a checkpoint: the directory of compression_report.json/.png (default: the checkpoint's); "
+                   f"run directories: the chart's file (default: {RUNS_CHART})")
+    p.add_argument("--act-bits", type=float, default=32.0, help="activation bit-width b_a of a checkpoint's report "
+                   "(default 32)")
+    p.add_argument("--stem", default="compression_report", help="file name stem of a checkpoint's report files")
     args = p.parse_args(argv)
     try:
+        dirs = [x for x in args.paths if os.path.isdir(x)]
+        if dirs:
+            if len(dirs) != len(args.paths):
+                raise ReportError("give either one checkpoint file or run directories, not both")
+            print(f"wrote {compare_runs(dirs, args.out or RUNS_CHART)}")
+            return 0
+        if len(args.paths) > 1:
+            raise ReportError("give one checkpoint (several paths are for run directories)")
+        checkpoint = args.paths[0]
         if not args.act_bits > 0:
             raise ReportError(f"--act-bits must be positive, got {args.act_bits:g}")
-        if os.path.isdir(args.checkpoint):
-            raise ReportError(f"{args.checkpoint} is a directory, not a checkpoint file")
         try:
-            model, config, _ = load_model(args.checkpoint)
+            model, config, _ = load_model(checkpoint)
         except ConfigError as e:
             raise ReportError(str(e)) from None
         try:
@@ -401,7 +440,7 @@ def main(argv=None) -> int:
         except Exception as e:
             raise ReportError(f"forward pass failed: {_one_line(e)}") from None
         print(format_report(rep))
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+        out = args.out or os.path.dirname(os.path.abspath(checkpoint))
         try:
             paths = save_report(rep, out, stem=args.stem)
         except OSError as e:

@@ -175,3 +175,22 @@ def test_real_cifar10_binary(tmp_path_factory):
     assert np.bincount(test.targets).tolist() == [1000] * 10
     mean = train.data.reshape(-1, 3).mean(0) / 255
     np.testing.assert_allclose(mean, CIFAR_MEAN, atol=2e-4)
+
+
+def test_augment_unset_is_the_data_sets_recipe(tmp_path):
+    """cifar10 trains with the published trainer's recipe (crop + flip +
+    RandAugment(2, 9)) unless augment is set; the others with crop + flip.
+    The resolved config records it, and on_device says what to set."""
+    write_bin_layout(tmp_path)
+    c = cfg(name="cifar10", root=str(tmp_path))
+    assert c.dataset.augment == "randaugment"
+    train, _ = build_cifar10(c)
+    names = [type(t).__name__ for t in train.transform.transforms]
+    assert names == ["RandomCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize"]
+    assert cfg(name="cifar10", augment="standard").dataset.augment == "standard"
+    assert cfg(name="synthetic").dataset.augment == "standard"
+    assert cfg(name="imagefolder").dataset.augment == "standard"
+    with pytest.raises(ConfigError, match=r"not randaugment \(cifar10's recipe when augment is unset\); set "
+                                          r"dataset.augment: standard to train on the device"):
+        cfg(name="cifar10", on_device=True)
+    assert cfg(name="cifar10", on_device=True, augment="standard").dataset.on_device

@@ -3,7 +3,9 @@
 Also installed as the console script ``codeq-train``.  ``main(argv)`` returns
 the exit code: 0 on success, 2 for a user mistake (bad config, unavailable
 device, missing data set, unusable checkpoint: one ``error: ...`` line on
-stderr, nothing written to disk), 130 when interrupted.
+stderr, nothing written to disk), 3 when training diverged (a non-finite
+loss: one ``error: ...`` line naming epoch, step and term; the last good
+checkpoint untouched, no report), 130 when interrupted.
 
 Under ``torchrun`` (see :mod:`codeq.train.distributed`) every rank runs
 ``main``; setup errors are agreed on by all ranks and printed once by rank 0,
@@ -17,6 +19,7 @@ import os
 import sys
 
 from codeq.checkpoint import load_checkpoint
+from codeq.errors import DIVERGED_EXIT_CODE, TrainingDiverged
 from codeq.train import distributed as D
 from codeq.train.config import ConfigError, check_resume_compatible, load_config, save_config
 from codeq.train.logging import is_run_dir, make_run_dir
@@ -67,6 +70,10 @@ def main(argv=None) -> int:
             prefix = f"[rank {d.rank}] " if d is not None and not d.is_main else ""
             print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as exc:  # every rank stops at the same step; rank 0 says so
+        if not ctx or ctx[0].is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT_CODE
     except KeyboardInterrupt:
         if not ctx or ctx[0].is_main:
             print("interrupted (the last completed epoch's checkpoint.th can be resumed with --resume)", file=sys.stderr)

@@ -128,6 +128,18 @@ def _check_minutes(path: str, v: float) -> None:
         raise ConfigError(f"{path} must be more than 0 (minutes), got {v}")
 
 
+def _check_finite(path: str, v: Any) -> None:
+    """Numbers inside a free-form mapping (optimizer extras, kwargs) must be finite."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_finite(f"{path}.{k}", x)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_finite(f"{path}[{i}]", x)
+    elif isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{path} must be a finite number, got {v}")
+
+
 def _accepted_kwargs(fn) -> list | None:
     """Keyword names fn (a class: its __init__) accepts, or None when it takes **kwargs."""
     try:
@@ -168,10 +180,13 @@ class QuantizerConfig:
 
 @dataclass(kw_only=True)
 class ParamGroupConfig:
-    lr: float = key(doc="learning rate")
-    weight_decay: float = key(0.0, "weight decay")
+    lr: float = key(doc="learning rate", minimum=0)
+    weight_decay: float = key(0.0, "weight decay", minimum=0)
     extra: dict = key({}, "any other key goes to the optimizer: momentum, nesterov, betas, eps, fused, ...",
                       rest=True)
+
+    def validate(self, path: str) -> None:
+        _check_finite(path, self.extra)
 
     def hparams(self) -> dict:
         """The group's hyper-parameters as the optimizer takes them (lists as tuples)."""
@@ -207,10 +222,15 @@ class OptimizerConfig:
 @dataclass(kw_only=True)
 class LossTermConfig:
     name: str = key(doc="the loss term (LOSS_REGISTRY)", choices=(LOSS_REGISTRY, "loss term"))
-    lam: float = key(1.0, "its weight in the total loss", name="lambda")
-    kwargs: dict = key({}, "passed to the term (unknown names are an error)")
+    lam: float = key(1.0, "its weight in the total loss", name="lambda", minimum=0)
+    kwargs: dict = key({}, "passed to the term (unknown names are an error; numbers finite, the weights "
+                           "lambda_* at least 0)")
 
     def validate(self, path: str) -> None:
+        _check_finite(f"{path}.kwargs", self.kwargs)
+        for k, v in self.kwargs.items():
+            if str(k).startswith("lambda") and isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"{path}.kwargs.{k} must be at least 0 (a weight of the loss), got {v}")
         _check_kwargs(f"{path}.kwargs", self.kwargs, LOSS_REGISTRY[self.name], f"loss term '{self.name}'",
                       reserved=("model",))
 
@@ -220,22 +240,29 @@ class DatasetConfig:
     name: str = key("cifar10", "the data set (DATASET_REGISTRY)", choices=(DATASET_REGISTRY, "dataset"))
     root: str = key("data", "where it is read from")
     download: bool = key(False, "cifar10: fetch it into root when missing")
-    augment: str = key("standard", "training augmentation: standard (crop + flip), randaugment, none",
-                       choices=(AUGMENT_CHOICES, "augmentation"))
+    augment: str | None = key(None, "training augmentation: standard (crop + flip), randaugment (standard + "
+                                    "RandAugment(2, 9)), none; null: the data set's recipe (cifar10: randaugment, "
+                                    "as the published trainer; synthetic, imagefolder: standard)",
+                              choices=(AUGMENT_CHOICES, "augmentation"))
     train_size: int | None = key(None, "use the first N training images (synthetic: default 1000)", minimum=1)
     val_size: int | None = key(None, "use the first N validation images (synthetic: default 200)", minimum=1)
     on_device: bool = key(False, "hold the data set on the training device and augment it there (cifar10, "
-                                 "synthetic)")
+                                 "synthetic; augment: standard or none)")
 
     def validate(self, path: str) -> None:
+        recipe = self.augment is None
+        if recipe:
+            self.augment = getattr(DATASET_REGISTRY[self.name], "default_augment", "standard")
         if not self.on_device:
             return
         if self.name not in ON_DEVICE_DATASETS:
             raise ConfigError(f"{path}.on_device works for {' and '.join(ON_DEVICE_DATASETS)} (CIFAR-shaped data "
                               f"held on the device), not '{self.name}'; set {path}.on_device: false")
         if self.augment == "randaugment":
+            default = f" ({self.name}'s recipe when augment is unset)" if recipe else ""
             raise ConfigError(f"{path}.on_device supports augment: standard or none (crop + flip on the device), "
-                              f"not randaugment; set {path}.on_device: false for RandAugment")
+                              f"not randaugment{default}; set {path}.augment: standard to train on the device, "
+                              f"or {path}.on_device: false for RandAugment")
 
 
 @dataclass(kw_only=True)
@@ -262,12 +289,18 @@ class Config:
     wandb_project: str | None = key(None, "log to this Weights & Biases project")
     wandb_mode: str | None = key(None, "online, offline or disabled (env WANDB_MODE wins; default online)",
                                  choices=(WANDB_MODES, "wandb_mode"))
-    log_interval: int = key(50, "batches between progress lines", minimum=1)
+    log_interval: int = key(50, "batches between progress lines (and checks for a non-finite loss)", minimum=1)
     save_best: bool = key(True, "also keep best.th (the highest validation accuracy)")
     distributed: AutoBool = key("auto", "DDP: auto (when torchrun starts more than one process), true or false")
     sync_bn: bool = key(False, "BatchNorm -> SyncBatchNorm under DDP (CUDA only)")
     dist_timeout_min: float = key(30.0, "minutes a process waits in a collective before failing",
                                   check=_check_minutes)
+    eval_bobs: bool = key(True, "log relative BOPs every epoch, overall and per layer (the published trainer's "
+                                "definition, docs/TRAINING.md#relative-bops-per-epoch)")
+    default_weight_bitrate: int = key(8, "BOPs: the bits of a weight without a quantizer, and of the reference model's "
+                                         "weights", minimum=1)
+    default_activation_bitrate: int = key(8, "BOPs: the bits of every activation (here and in the reference model)",
+                                          minimum=1)
     quantizer: QuantizerConfig | None = key(None, "the quantizer attached to the weights (null: no QAT)", resume=True)
     optimizer: OptimizerConfig = key(doc="the optimizer and its parameter groups")
     loss_terms: list[LossTermConfig] = key([], "terms added to the cross-entropy, each lambda x term(model)")
@@ -331,9 +364,11 @@ def _parse(path: str, v: Any, tp) -> Any:
         v = bool(v) if ok else v
     elif tp is int:
         ok = isinstance(v, int) and not isinstance(v, bool)
-    elif tp is float:
+    elif tp is float:  # finite: no key means anything by inf or nan (a run would only diverge)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
         v = float(v) if ok else v
+        if ok and not math.isfinite(v):
+            raise ConfigError(f"{path} must be a finite number, got {v}")
     elif tp is str:
         ok = isinstance(v, str)
     elif tp is dict:

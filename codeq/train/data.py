@@ -138,7 +138,8 @@ def _subset(ds, n):
     return ds if n is None or n >= len(ds) else Subset(ds, range(n))
 
 
-@register_dataset("cifar10")
+# The published trainer's CIFAR-10 recipe: crop + flip + RandAugment(2, 9).
+@register_dataset("cifar10", augment="randaugment")
 def build_cifar10(cfg):
     """CIFAR-10 from ``dataset.root``: the binary layout when
     ``root/cifar-10-batches-bin`` exists, else torchvision's

@@ -75,7 +75,7 @@ class GraphStep:
         sy.copy_(y)
         self.graph.replay()
         self.replays += 1
-        return self.static_out
+        return self.static_out.clone()  # the next replay overwrites static_out
 
     def _side_stream_step(self, x, y):
         cur = torch.cuda.current_stream(self.trainer.device)
@@ -111,4 +111,4 @@ class GraphStep:
         self.captures += 1
         graph.replay()  # capturing records the step; this runs it on this batch
         self.replays += 1
-        return self.static_out
+        return self.static_out.clone()

@@ -1,9 +1,9 @@
 """Run directory, metrics.jsonl, console output (tqdm on a TTY, plain lines
 otherwise) and optional Weights & Biases logging.
 
-wandb is optional: with ``wandb_project`` set and wandb missing, not logged
-in, or unreachable, the run prints ONE warning and goes on (offline, or
-without wandb).  It never waits on the network for long: wandb.init gets a
+wandb is installed by ``make install`` (``pip install .[wandb]``); with
+``wandb_project`` set and wandb missing, not logged in, or unreachable, the run
+prints ONE warning and goes on (offline, or without wandb).  It never waits on the network for long: wandb.init gets a
 bounded ``init_timeout``.
 """
 
@@ -165,8 +165,8 @@ class WandbLogger:
     def _logged_in(wandb) -> bool:
         if os.environ.get("WANDB_API_KEY"):
             return True
-        try:
-            return bool(wandb.api.api_key)
+        try:  # the stored credentials, no prompt, no network
+            return bool(wandb.login(prompt=False, verify=False))
         except Exception:
             return True  # cannot tell: try online, fall back to offline on failure
 
@@ -183,16 +183,16 @@ class WandbLogger:
         if self.run is None:
             return
         flat = {}
-        for k, v in record.items():
-            if k == "layers":
-                for layer, stats in v.items():
-                    for sk, sv in stats.items():
-                        flat[f"layers/{layer}/{sk}"] = sv
-            elif k == "lrs":
-                for g, lr in v.items():
-                    flat[f"lr/{g}"] = lr
+
+        def put(prefix: str, v) -> None:  # nested mappings as "a/b/c" keys
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    put(f"{prefix}/{k}", x)
             else:
-                flat[k] = v
+                flat[prefix] = v
+
+        for k, v in record.items():
+            put("lr" if k == "lrs" else k, v)
         try:
             self.run.log(json_safe(flat), step=step)
         except Exception as exc:

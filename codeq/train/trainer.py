@@ -1,5 +1,7 @@
 """The training loop: CE + sum of lambda * loss terms, 3-way param groups,
-per-epoch metrics read with one device sync, checkpoints, resume, report."""
+step losses read once per log interval (progress, a stop at the first
+non-finite one), per-epoch metrics read with one device sync, relative BOPs,
+checkpoints, resume, training curves and the compression report."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import codeq
+from codeq._io import read_jsonl
 from codeq.checkpoint import get_rng_state, save_checkpoint, set_rng_state
+from codeq.errors import TrainingDiverged
 from codeq.fastpath import FusedWeights
 from codeq.losses import group_lasso
 from codeq.models import build_model, example_input
 from codeq.parametrize import iter_quantizers
+from codeq.plots import save_figure, training_curves_figure
 from codeq.registry import LOSS_REGISTRY
-from codeq.report import compression_report, format_report, save_report
+from codeq.report import compression_report, format_report, layer_macs, relative_bops, save_report
 from codeq.train.config import Config, ConfigError, check_resume_compatible, config_to_dict
 from codeq.train.data import build_datasets, build_loaders
 from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash, resolve_device
@@ -70,6 +75,7 @@ class Trainer:
         self.generator = generator
         self.loss_terms = [(t.name, LOSS_REGISTRY[t.name], float(t.lam), dict(t.kwargs)) for t in cfg.loss_terms]
         self.start_epoch = 0
+        self._curves_failed = False  # training_curves.png: warn once, then stop drawing
         self.best_acc = 0.0
         self.quantized = [(name, module, q) for name, module, q in iter_quantizers(model)]
         # Eager fast path (codeq.fastpath): every quantized weight, and the first
@@ -80,6 +86,12 @@ class Trainer:
             gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
             self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
             self.fast_term = gl_index
+        # eval_bobs: the Linear and conv layers with their dense MACs, measured once.
+        self.bops_layers = []
+        if cfg.eval_bobs:
+            qs = {id(m): q for _, m, q in self.quantized}
+            self.bops_layers = [(name, m, macs, qs.get(id(m)))
+                                for name, m, macs in layer_macs(model, example_input(cfg.img_size).to(device))]
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
         if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer
@@ -129,40 +141,60 @@ class Trainer:
 
     # ------------------------------------------------------------- steps --
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor):
-        """(total loss, CE, logits).  The forward pass and the loss terms run in
-        one ``parametrize.cached()`` block: each quantizer runs once, and the
-        terms see the quantized weights the forward pass used."""
+        """(total loss, [CE, term_1, ..., term_k], logits): the terms unweighted,
+        in ``loss_terms`` order.  The forward pass and the loss terms run in one
+        ``parametrize.cached()`` block: each quantizer runs once, and the terms
+        see the quantized weights the forward pass used."""
         with parametrize.cached():
             fused_gl = self.fast.prefill() if self.fast is not None else None
             logits = self.net(x)
             ce = F.cross_entropy(logits, y)
             loss = ce
+            parts = [ce]
             for i, (_, fn, lam, kwargs) in enumerate(self.loss_terms):
                 if i == self.fast_term and fused_gl is not None:
                     term = fused_gl
                 else:
                     term = fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
                 loss = loss + lam * term
-        return loss, ce, logits
+                parts.append(term)
+        return loss, parts, logits
 
-    def step(self, x: torch.Tensor, y: torch.Tensor):
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training step the epoch loop runs: :meth:`train_step`, replayed as a
-        CUDA graph when ``cuda_graph`` is on (codeq/train/graph.py).  (loss, CE,
-        n correct) on the device."""
+        CUDA graph when ``cuda_graph`` is on (codeq/train/graph.py)."""
         if self.graph is not None:
             return self.graph.step(x, y)
         return self.train_step(x, y)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor):
-        """One optimisation step; returns (loss, CE, n correct) as device tensors."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns [loss, CE, term_1..term_k, n correct]
+        as one float32 device tensor (nothing read on the host)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, ce, logits = self.compute_loss(x, y)
+        loss, parts, logits = self.compute_loss(x, y)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), ce.detach(), (logits.detach().argmax(1) == y).sum()
+        correct = (logits.detach().argmax(1) == y).sum()
+        # float32: exact counts and no overflow whatever the loss dtype
+        return torch.stack([v.detach().float() for v in (loss, *parts)] + [correct.float()])
+
+    def term_keys(self) -> list[str]:
+        """The loss terms' names in the epoch records (``name``, or ``name_i``
+        when two terms share one)."""
+        names = [t[0] for t in self.loss_terms]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+    def value_names(self) -> list[str]:
+        """What each entry of :meth:`train_step`'s values but the last is."""
+        return (["the total loss", "the cross-entropy"]
+                + [f"loss term loss_terms[{i}] ({name})" for i, (name, _, _, _) in enumerate(self.loss_terms)])
 
     def train_epoch(self, epoch: int, console: Console | None = None) -> torch.Tensor:
-        """Returns [loss sum, CE sum, correct, count] on the device (not read)."""
+        """Returns [loss sum, CE sum, correct, count, term_1 sum, ..., term_k sum]
+        on the device.  The step values are read on the host once per
+        ``log_interval`` steps and at the end of the epoch; a non-finite loss
+        among them raises :class:`~codeq.errors.TrainingDiverged` (on every rank
+        under DDP) naming the first bad step."""
         cfg = self.cfg
         self.model.train()
         rank = self.dist.rank
@@ -176,26 +208,68 @@ class Trainer:
         self.generator.manual_seed(epoch_seed(cfg.seed + rank, epoch))
         if self.graph is not None:
             self.graph.reset()  # captured anew with this epoch's learning rates
-        dev = self.device
-        acc = torch.zeros(3, dtype=torch.float64, device=dev)
-        n = 0
+        totals = torch.zeros(3 + len(self.loss_terms) + 1, dtype=torch.float64)  # sums of values, count
+        window, sizes = [], []
         n_batches = len(self.train_loader)
         if console is not None:
             console.start_epoch(epoch, cfg.epochs, n_batches)
+        step = 0
         for step, (x, y) in enumerate(self.train_loader, 1):
             maybe_test_crash(rank, epoch, step)
-            x = x.to(dev, non_blocking=True)
-            y = y.to(dev, non_blocking=True)
-            loss, ce, correct = self.step(x, y)
-            bs = y.shape[0]
-            acc += torch.stack([loss.double() * bs, ce.double() * bs, correct.double()])
-            n += bs
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            window.append(self.step(x, y))
+            sizes.append(y.shape[0])
             if console is not None:
                 console.batch()
-                if step % cfg.log_interval == 0 and step < n_batches:
-                    vals = acc.tolist()  # one sync per log interval
-                    console.progress(epoch, cfg.epochs, step, n_batches, vals[0] / n, vals[2] / n)
-        return torch.cat([acc, torch.tensor([float(n)], dtype=torch.float64, device=dev)])
+            if step % cfg.log_interval == 0 or step == n_batches:
+                self._read_window(window, sizes, totals, epoch, step, n_batches)
+                if console is not None and step < n_batches:
+                    n = totals[-1].item()
+                    console.progress(epoch, cfg.epochs, step, n_batches, totals[0].item() / n, totals[-2].item() / n)
+        if window:  # a loader shorter than its len()
+            self._read_window(window, sizes, totals, epoch, step, n_batches)
+        k = len(self.loss_terms)
+        order = [0, 1, 2 + k, 3 + k] + list(range(2, 2 + k))  # loss, CE, correct, count, terms
+        return totals[order].to(self.device)
+
+    def _read_window(self, window: list, sizes: list, totals: torch.Tensor, epoch: int, step: int,
+                     n_batches: int) -> None:
+        """Add the values of the last ``len(window)`` steps (up to ``step``) to
+        ``totals``; raise TrainingDiverged at the first non-finite one.  Empties
+        both lists."""
+        vals = torch.stack(window).double().cpu()  # the one host read of the window
+        bad = ~torch.isfinite(vals[:, :-1])
+        hit = None  # (step, rank, column) of the first non-finite value
+        if bad.any():
+            i = int(bad.any(1).nonzero()[0])
+            cols = bad[i].nonzero().flatten().tolist()
+            col = next((c for c in cols if c > 0), 0)  # a part rather than the total it sums
+            hit = (step - len(window) + 1 + i, self.dist.rank, col)
+            value = float(vals[i, col])
+        if self.dist.enabled:  # every rank stops together, at the earliest bad step of any rank
+            slots = torch.zeros(self.dist.world_size, 2, dtype=torch.float64)
+            if hit is not None:
+                slots[self.dist.rank] = torch.tensor([hit[0], hit[2] + 1], dtype=torch.float64)
+            slots = self.dist.all_reduce_sum(slots.to(self.device)).cpu().tolist()
+            hits = [(int(s), r, int(c) - 1) for r, (s, c) in enumerate(slots) if s > 0]
+            hit = min(hits) if hits else None
+        if hit is not None:
+            bad_step, bad_rank, col = hit
+            what = self.value_names()[col]
+            if bad_rank != self.dist.rank:
+                shown = "not finite"
+            else:
+                shown = "nan" if value != value else ("inf" if value > 0 else "-inf")
+            where = f" on rank {bad_rank}" if self.dist.enabled else ""
+            raise TrainingDiverged(f"training diverged: {what} is {shown} at epoch {epoch + 1}/{self.cfg.epochs}, "
+                                   f"step {bad_step}/{n_batches}{where}", epoch + 1, bad_step, what)
+        bs = torch.tensor(sizes, dtype=torch.float64)
+        totals[:-2] += (vals[:, :-1] * bs[:, None]).sum(0)
+        totals[-2] += vals[:, -1].sum()
+        totals[-1] += bs.sum()
+        window.clear()
+        sizes.clear()
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
@@ -239,24 +313,52 @@ class Trainer:
             return torch.zeros(0, 5, dtype=torch.float64, device=self.device)
         return torch.stack(rows)
 
+    @torch.no_grad()
+    def bops_tensor(self) -> torch.Tensor:
+        """L x 2 on the device for the layers of ``bops_layers``: the fraction
+        of output channels whose ŵ is all zero, and the bit-width of an enabled
+        quantizer (NaN: none)."""
+        rows = []
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
+        with parametrize.cached():
+            for _, module, _, q in self.bops_layers:
+                pruned = (module.weight.flatten(1).abs().amax(1) == 0).double().mean()
+                active = q is not None and q.enabled and hasattr(q, "get_bitwidth")
+                bits = q.get_bitwidth().to(self.device).double() if active else nan
+                rows.append(torch.stack([pruned, bits]))
+        return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=self.device)
+
     def epoch_record(self, epoch: int, train: torch.Tensor, val: torch.Tensor, lrs: dict, seconds: float) -> dict:
-        qs = self.quant_stats_tensor()
+        with parametrize.cached():  # each quantizer once for both
+            qs = self.quant_stats_tensor()
+            bops = self.bops_tensor()
         # The one device sync of the epoch.
-        flat = torch.cat([train, val, qs.reshape(-1)]).cpu().tolist()
+        flat = torch.cat([train, val, qs.reshape(-1), bops.reshape(-1)]).cpu().tolist()
+        b_flat = flat[len(flat) - 2 * len(self.bops_layers):]
         t_loss, t_ce, t_correct, t_n = flat[0:4]
-        v_ce, v_correct, v_n = flat[4:7]
-        rows = [flat[7 + 5 * i: 12 + 5 * i] for i in range(len(self.quantized))]
+        k = len(train) - 4
+        terms = flat[4:4 + k]
+        v_ce, v_correct, v_n = flat[4 + k:7 + k]
+        rows = [flat[7 + k + 5 * i: 12 + k + 5 * i] for i in range(len(self.quantized))]
         rec = {
             "epoch": epoch + 1,
             "train_loss": t_loss / max(t_n, 1),
             "train_ce": t_ce / max(t_n, 1),
             "train_acc": t_correct / max(t_n, 1),
+            "train_loss_terms": {name: v / max(t_n, 1) for name, v in zip(self.term_keys(), terms)},
             "val_loss": v_ce / max(v_n, 1),
             "val_acc": v_correct / max(v_n, 1),
             "lr": lrs.get("base", next(iter(lrs.values()))),
             "lrs": lrs,
             "epoch_time": seconds,
         }
+        if self.bops_layers:
+            b = relative_bops([{"name": name, "macs": macs, "row_sparsity": b_flat[2 * i],
+                                "bits": b_flat[2 * i + 1] if b_flat[2 * i + 1] == b_flat[2 * i + 1] else None}
+                               for i, (name, _, macs, _) in enumerate(self.bops_layers)],
+                              self.cfg.default_weight_bitrate, self.cfg.default_activation_bitrate)
+            rec["relative_bops"] = b["relative"]
+            rec["bops_layers"] = b["layers"]
         if rows:
             total = sum(r[4] for r in rows)
 
@@ -328,7 +430,9 @@ class Trainer:
         """Train from ``self.start_epoch`` to ``cfg.epochs`` (or ``stop_after``
         epochs of this call), writing metrics.jsonl, checkpoint.th (every
         epoch) and best.th (when val accuracy improves) into ``run_dir``; then
-        the compression report.  Returns the epoch records of this call."""
+        the compression report.  Returns the epoch records of this call.
+        Raises :class:`~codeq.errors.TrainingDiverged` at the first
+        non-finite training loss; nothing of that epoch is written."""
         cfg = self.cfg
         main = self.dist.is_main  # only rank 0 writes files, logs and prints
         metrics = MetricsFile(run_dir, keep_epochs=self.start_epoch) if main else None
@@ -344,9 +448,9 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 val = self.evaluate()
-                if self.dist.enabled:  # sums over all ranks' shards: one all_reduce of 7 numbers
+                if self.dist.enabled:  # sums over all ranks' shards: one all_reduce
                     both = self.dist.all_reduce_sum(torch.cat([train, val]))
-                    train, val = both[:4], both[4:]
+                    train, val = both[:len(train)], both[len(train):]
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 rec = self.epoch_record(epoch, train, val, lrs, time.perf_counter() - t0)
@@ -358,6 +462,7 @@ class Trainer:
                 if not main:
                     continue
                 metrics.write(rec)
+                self.draw_curves(run_dir, metrics.path)
                 wandb.log(rec, step=epoch + 1)
                 state = self.checkpoint_state(epoch + 1)
                 save_checkpoint(state, os.path.join(run_dir, "checkpoint.th"))
@@ -365,6 +470,17 @@ class Trainer:
                     save_checkpoint(state, os.path.join(run_dir, "best.th"))
                 console.end_epoch()
                 console.line(_summary_line(rec, cfg.epochs))
+        except TrainingDiverged as exc:
+            if not main:
+                raise
+            ckpt = os.path.join(run_dir, "checkpoint.th")
+            if os.path.isfile(ckpt):
+                best = " and best.th are" if os.path.isfile(os.path.join(run_dir, "best.th")) else " is"
+                kept = (f"{ckpt} (epoch {exc.epoch - 1}){best} untouched; continue from there with "
+                        f"--resume {ckpt} and a lower learning rate or λ")
+            else:
+                kept = "no checkpoint was written (the first epoch diverged); lower the learning rate or λ"
+            raise TrainingDiverged(f"{exc}; {kept}", exc.epoch, exc.step, exc.term) from None
         finally:
             if console is not None:
                 console.close()
@@ -380,6 +496,19 @@ class Trainer:
         elif report:
             self.write_report(run_dir, console)
         return records
+
+    def draw_curves(self, run_dir: str, metrics_path: str) -> None:
+        """training_curves.png from every epoch of metrics.jsonl (redrawn each
+        epoch; a warning, once, if it cannot be drawn)."""
+        if self._curves_failed:
+            return
+        try:
+            records = read_jsonl(metrics_path)
+            save_figure(training_curves_figure(records, os.path.basename(os.path.normpath(run_dir))),
+                        os.path.join(run_dir, "training_curves.png"))
+        except Exception as exc:  # noqa: BLE001 -- a picture never stops training
+            warn(f"training_curves.png not drawn: {type(exc).__name__}: {exc}")
+            self._curves_failed = True
 
     def write_report(self, run_dir: str, console: Console | None = None) -> dict | None:
         """The compression report of the final model (codeq.report), printed
@@ -405,4 +534,6 @@ def _summary_line(rec: dict, epochs: int) -> str:
         s += f" sparsity {rec['sparsity_mean']:.4f}"
     if rec.get("bits_mean") is not None:
         s += f" bits {rec['bits_mean']:.2f}"
+    if rec.get("relative_bops") is not None:
+        s += f" rel_bops {rec['relative_bops']:.4f}"
     return s
