@@ -46,13 +46,16 @@ def compression_figure(report: dict) -> Figure:
     x = list(range(len(rows)))
     names = [r["name"] for r in rows]
     quantized = [r["quantizer"] is not None and r["enabled"] is not False for r in rows]
-    ax_s.bar(x, [r["sparsity"] for r in rows], color=BLUE)
-    ax_s.set_ylim(0, 1)
+    bars_s = ax_s.bar(x, [r["sparsity"] for r in rows], color=BLUE)
+    ax_s.set_ylim(0, 1.1)
     ax_s.set_ylabel("sparsity\n(fraction of weights = 0)")
-    ax_b.bar(x, [r["bits"] for r in rows], color=[ORANGE if q else GREY for q in quantized])
+    bars_b = ax_b.bar(x, [r["bits"] for r in rows], color=[ORANGE if q else GREY for q in quantized])
+    if n <= 24:  # the values on the bars, while they fit
+        ax_s.bar_label(bars_s, labels=[f"{r['sparsity']:.0%}" for r in rows], fontsize=8)
+        ax_b.bar_label(bars_b, labels=[f"{r['bits']:g}" for r in rows], fontsize=8)
     ax_b.set_ylabel("weight bit-width")
     max_bits = max([r["bits"] for r in rows] + [8.0])
-    ax_b.set_ylim(0, 2 ** math.ceil(math.log2(max_bits)))
+    ax_b.set_ylim(0, 2 ** math.ceil(math.log2(max_bits)) * 1.1)
     ax_b.set_xticks(x, names, rotation=90, fontsize=8 if n <= 40 else 6)
     ax_b.set_xlabel("layer")
     if not all(quantized):
@@ -63,7 +66,8 @@ def compression_figure(report: dict) -> Figure:
     t = report["totals"]
     title = f"compression report: sparsity {t['sparsity']:.1%}"
     if t.get("relative_bops"):
-        title += f", relative BOPs {t['relative_bops']:.4g} (1/{1 / t['relative_bops']:.1f}, {report['act_bits']:g}-bit activations)"
+        title += (f", BOPs {t['relative_bops']:.4g} of a dense 32-bit model (1/{1 / t['relative_bops']:.1f})\n"
+                  f"counting every zero weight, {report['act_bits']:g}-bit activations")
     fig.suptitle(title)
     return fig
 
@@ -87,7 +91,8 @@ def training_curves_figure(records: list[dict], title: str = "") -> Figure:
         (ax_s, "sparsity", [("sparsity_mean", "mean over layers", BLUE), ("sparsity_total", "of all weights", GREEN)],
          (0, 1)),
         (ax_b, "weight bit-width (mean over layers)", [("bits_mean", "bits", ORANGE)], None),
-        (ax_r, "relative BOPs", [("relative_bops", "relative BOPs", BLUE)], None),
+        (ax_r, "relative BOPs (eval_bobs: pruned output channels)", [("relative_bops", "relative BOPs", BLUE)],
+         None),
     ]
     for ax, name, keys, ylim in panels:
         drawn = 0
@@ -103,8 +108,8 @@ def training_curves_figure(records: list[dict], title: str = "") -> Figure:
             continue
         if ylim is not None:
             ax.set_ylim(*ylim)
-        else:
-            ax.set_ylim(bottom=0)
+        else:  # from 0, with room above the highest point
+            ax.set_ylim(0, max(y for line in ax.get_lines() for y in line.get_ydata()) * 1.08 or 1)
         if len(keys) > 1:
             ax.legend(fontsize=8)
     for ax in (ax_b, ax_r):

@@ -58,7 +58,8 @@ def test_compression_figure_names_the_layers():
 def test_training_curves_panels():
     fig = training_curves_figure(records(), "run-x")
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["accuracy", "sparsity", "weight bit-width (mean over layers)", "relative BOPs"]
+    assert titles == ["accuracy", "sparsity", "weight bit-width (mean over layers)",
+                      "relative BOPs (eval_bobs: pruned output channels)"]
     acc = fig.axes[0]
     assert [line.get_label() for line in acc.get_lines()] == ["train", "validation"]
     assert list(acc.get_lines()[1].get_ydata()) == pytest.approx([0.12 * e for e in range(1, 6)])
@@ -67,7 +68,7 @@ def test_training_curves_panels():
     fig = training_curves_figure(records(bops=False, quantized=False))
     texts = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
     assert texts == ["sparsity: not logged", "weight bit-width (mean over layers): not logged",
-                     "relative BOPs: not logged"]
+                     "relative BOPs (eval_bobs: pruned output channels): not logged"]
 
 
 def test_runs_figure_one_point_per_run():
