@@ -155,3 +155,21 @@ def test_runs_chart_errors_are_one_line(tmp_path, capsys):
     (old / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_acc": 0.5}) + "\n")
     assert report_main([str(old)]) == 2
     assert "eval_bobs: false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, drawn_after", [(0.0, [1, 2, 3]), (1e9, [1, 3])])
+def test_curves_redrawn_at_most_every_so_often_and_after_the_last_epoch(tmp_path, monkeypatch, every, drawn_after):
+    from codeq.train import trainer as trainer_mod
+    from codeq.train.config import config_from_dict
+
+    d = {"model": "mlp", "model_kwargs": {"hidden": [8]}, "epochs": 3, "batch_size": 16, "device": "cpu",
+         "workers": 0, "dataset": {"name": "synthetic", "train_size": 16, "val_size": 16},
+         "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.001}}}}
+    t = trainer_mod.Trainer.from_config(config_from_dict(d), "cpu")
+    drawn = []
+    monkeypatch.setattr(trainer_mod, "CURVES_EVERY_S", every)
+    monkeypatch.setattr(trainer_mod, "training_curves_figure", lambda recs, title: drawn.append(len(recs)) or
+                        training_curves_figure(recs, title))
+    t.fit(str(tmp_path), report=False)
+    assert drawn == drawn_after  # epochs in metrics.jsonl at each drawing
+    assert_picture(tmp_path / "training_curves.png")

@@ -6,6 +6,7 @@ checkpoints, resume, training curves and the compression report."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import time
@@ -37,6 +38,8 @@ from codeq.train.optim import build_optimizer, build_scheduler, graph_capable
 from codeq.train.sampling import epoch_seed
 
 __all__ = ["Trainer", "seed_everything", "build_run_model"]
+
+CURVES_EVERY_S = 60.0  # training_curves.png is redrawn at most this often (and after the last epoch)
 
 
 def seed_everything(seed: int) -> None:
@@ -76,6 +79,7 @@ class Trainer:
         self.loss_terms = [(t.name, LOSS_REGISTRY[t.name], float(t.lam), dict(t.kwargs)) for t in cfg.loss_terms]
         self.start_epoch = 0
         self._curves_failed = False  # training_curves.png: warn once, then stop drawing
+        self._curves_at = -math.inf  # when it was last drawn (time.monotonic)
         self.best_acc = 0.0
         self.quantized = [(name, module, q) for name, module, q in iter_quantizers(model)]
         # Eager fast path (codeq.fastpath): every quantized weight, and the first
@@ -462,7 +466,7 @@ class Trainer:
                 if not main:
                     continue
                 metrics.write(rec)
-                self.draw_curves(run_dir, metrics.path)
+                self.draw_curves(run_dir, metrics.path, final=epoch + 1 == end)
                 wandb.log(rec, step=epoch + 1)
                 state = self.checkpoint_state(epoch + 1)
                 save_checkpoint(state, os.path.join(run_dir, "checkpoint.th"))
@@ -473,6 +477,7 @@ class Trainer:
         except TrainingDiverged as exc:
             if not main:
                 raise
+            self.draw_curves(run_dir, metrics.path, final=True)
             ckpt = os.path.join(run_dir, "checkpoint.th")
             if os.path.isfile(ckpt):
                 best = " and best.th are" if os.path.isfile(os.path.join(run_dir, "best.th")) else " is"
@@ -497,11 +502,16 @@ class Trainer:
             self.write_report(run_dir, console)
         return records
 
-    def draw_curves(self, run_dir: str, metrics_path: str) -> None:
-        """training_curves.png from every epoch of metrics.jsonl (redrawn each
-        epoch; a warning, once, if it cannot be drawn)."""
-        if self._curves_failed:
+    def draw_curves(self, run_dir: str, metrics_path: str, final: bool = False) -> None:
+        """training_curves.png from every epoch of metrics.jsonl: after the
+        first epoch, after the last one of the call (``final``), and between
+        them at most every CURVES_EVERY_S seconds, so that drawing never costs
+        a short epoch much; a warning, once, if it cannot be drawn."""
+        if self._curves_failed or not (final or time.monotonic() - self._curves_at >= CURVES_EVERY_S):
             return
+        if not os.path.isfile(metrics_path):
+            return
+        self._curves_at = time.monotonic()
         try:
             records = read_jsonl(metrics_path)
             save_figure(training_curves_figure(records, os.path.basename(os.path.normpath(run_dir))),
