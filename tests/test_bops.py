@@ -4,19 +4,18 @@ epoch records, metrics.jsonl and what W&B is given."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import os
 
 import pytest
 import torch
-import yaml
 
 from codeq.checkpoint import load_model
 from codeq.report import relative_bops
 from codeq.train.cli import main
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer
+from test_train_cli import read_metrics, write
 
 
 def cfg_dict(tmp_path, **over) -> dict:
@@ -85,13 +84,10 @@ def test_relative_bops_function_edges():
 
 
 def test_published_config_trains_and_logs_bops_every_epoch(tmp_path, capsys):
-    p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump(cfg_dict(tmp_path)))
-    assert main(["--config", str(p)]) == 0
+    assert main(["--config", write(tmp_path, cfg_dict(tmp_path))]) == 0
     out = capsys.readouterr().out
     (run,) = [os.path.join(tmp_path / "runs", x) for x in os.listdir(tmp_path / "runs")]
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
+    recs = read_metrics(run)
     assert [r["epoch"] for r in recs] == [1, 2]
     for r in recs:
         assert 0 < r["relative_bops"] <= 1

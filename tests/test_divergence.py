@@ -12,12 +12,13 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from codeq.checkpoint import load_checkpoint
 from codeq.errors import DIVERGED_EXIT_CODE
 from codeq.registry import LOSS_REGISTRY
 from codeq.train.cli import main
+from test_train_cli import write
+from test_train_ddp import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS = {"n": 0}
@@ -55,12 +56,6 @@ def cfg_dict(tmp_path, **over) -> dict:
     }
     d.update(over)
     return d
-
-
-def write(tmp_path, d, name="c.yaml") -> str:
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(d))
-    return str(p)
 
 
 def test_a_nan_term_stops_the_run_and_the_last_checkpoint_resumes(tmp_path, capsys):
@@ -170,11 +165,6 @@ sys.exit(main())
 def test_ddp_every_rank_stops_at_one_ranks_nan(tmp_path):
     """Rank 1's term goes NaN at its 4th step; both ranks stop there (no hang),
     rank 0 prints the one line."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "train_with_nan.py"
     script.write_text(DDP_SCRIPT)
     terms = [{"name": "nan_on_rank_1", "lambda": 1.0}]
@@ -182,7 +172,7 @@ def test_ddp_every_rank_stops_at_one_ranks_nan(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(script), "--config", cfg]
+           "--master_port", str(free_port()), str(script), "--config", cfg]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode != 0, r.stdout + r.stderr
     errors = [ln for ln in r.stderr.splitlines() if "training diverged" in ln]

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from codeq.models import build_model, example_input
 from codeq.plots import compression_figure, runs_figure, training_curves_figure
 from codeq.report import compression_report, main as report_main
 from codeq.train.cli import main as train_main
+from test_train_cli import read_metrics, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,9 +114,7 @@ def _train(tmp_path, name, lam, epochs=2):
          "quantizer": {"name": "deadzone", "kwargs": {"init_bit_logit": 0.5}},
          "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.002}}},
          "loss_terms": [{"name": "group_lasso", "lambda": 1.0, "kwargs": {"lambda_linear": lam}}]}
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(d))
-    assert train_main(["--config", str(p)]) == 0
+    assert train_main(["--config", write(tmp_path, d, f"{name}.yaml")]) == 0
     (run,) = [os.path.join(tmp_path / "runs", x) for x in os.listdir(tmp_path / "runs") if x.startswith(name)]
     return run
 
@@ -134,7 +132,7 @@ def test_a_run_draws_its_pictures_and_runs_compare_on_one_chart(tmp_path, capsys
     assert_picture(out_png)
     table = out.splitlines()
     assert table[0].split() == ["run", "epochs", "val_acc", "best", "rel", "BOPs", "sparsity", "bits"]
-    last_b = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))][-1]
+    last_b = read_metrics(b)[-1]
     row_b = next(line for line in table if line.startswith(os.path.basename(b))).split()
     assert row_b[1:5] == ["3", f"{last_b['val_acc']:.4f}", row_b[3], f"{last_b['relative_bops']:.4f}"]
     assert table[-1] == f"wrote {out_png}"
