@@ -5,6 +5,7 @@ A checkpoint is a dict with the keys ``model`` (state_dict), ``optimizer``,
 ``scheduler`` (state_dict or None), ``epoch`` (completed epochs),
 ``best_acc``, ``config`` (the resolved config, plain builtins; its ``model``,
 ``model_kwargs``, ``img_size`` and ``quantizer`` entries describe the model),
+``budget`` (the budget controller's state, or None),
 ``rng`` (torch / numpy / python RNG states) and ``codeq_version``.
 """
 
@@ -31,7 +32,7 @@ __all__ = [
     "set_rng_state",
 ]
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "config", "rng", "codeq_version")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "config", "budget", "rng", "codeq_version")
 
 
 class CheckpointError(ConfigError):

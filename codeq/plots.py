@@ -8,7 +8,9 @@ state are involved):
   relative BOPs per epoch of one run's ``metrics.jsonl``
   (``training_curves.png``);
 - :func:`runs_figure`: several runs on one accuracy-vs-relative-BOPs chart
-  (``python -m codeq.report RUN_DIR [RUN_DIR ...]``).
+  (``python -m codeq.report RUN_DIR [RUN_DIR ...]``);
+- :func:`milestones_figure`: accuracy at each saved milestone of budget runs
+  (the same command, ``milestones.png``).
 
 :func:`save_figure` writes a PNG atomically.
 """
@@ -20,6 +22,7 @@ import math
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 from codeq._io import atomic_write_bytes
 
@@ -154,4 +157,48 @@ def runs_figure(runs: list[dict]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"accuracy vs relative BOPs, {len(runs)} run(s)")
+    return fig
+
+
+def milestones_figure(runs: list[dict]) -> Figure:
+    """Validation accuracy against the budget's metric at each saved milestone
+    of a ``budget.milestones`` run (one line per run; dotted lines: the
+    targets).  ``runs``: ``{"name", "records"}``; a record with a ``milestone``
+    (``{"target", "value", "val_acc"}``) is a point, ``budget.metric`` names the axis."""
+    fig = Figure(figsize=(9, 6.5), layout="constrained")
+    ax = fig.subplots()
+    metrics, xs = set(), []
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        ms = [r["milestone"] for r in run["records"] if isinstance(r.get("milestone"), dict)]
+        metrics |= {r["budget"]["metric"] for r in run["records"] if isinstance(r.get("budget"), dict)}
+        if not ms:
+            continue
+        x, y = [m["value"] for m in ms], [m["val_acc"] for m in ms]
+        xs += x + [m["target"] for m in ms]
+        ax.plot(x, y, marker="o", color=color, label=run["name"])
+        for m in ms:
+            ax.axvline(m["target"], color=color, ls=":", lw=1, alpha=0.6)
+            ax.annotate(f"{m['val_acc']:.4f} @ epoch {m['epoch']}\n(target {m['target']:g})",
+                        (m["value"], m["val_acc"]), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                        color=color)
+    positive = [x for x in xs if x > 0]
+    if positive and max(positive) / min(positive) > 4:
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    if xs:
+        ax.set_xlim(min(xs) * 0.85, max(xs) * 1.4)  # room for the labels right of the points
+        ax.margins(y=0.12)  # ... and above the highest one
+    metric = ", ".join(sorted(metrics)) or "budget metric"
+    ax.set_xlabel(f"{metric} at the milestone (dotted: the targets)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_lines():
+        ax.legend(fontsize=8, loc="best")
+    else:
+        _not_logged(ax, "milestones")
+    ax.set_title(f"accuracy at each milestone, {len(runs)} run(s) (a later milestone has trained longer)")
     return fig

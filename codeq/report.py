@@ -43,12 +43,13 @@ from torch.nn.utils import parametrize
 from codeq._io import atomic_write_bytes, json_safe, read_jsonl
 from codeq.checkpoint import load_model
 from codeq.errors import ConfigError
+from codeq.export import plain_state_dict
 from codeq.models import example_input
 from codeq.parametrize import iter_quantizers
-from codeq.plots import compression_figure, runs_figure, save_figure
+from codeq.plots import compression_figure, milestones_figure, runs_figure, save_figure
 
 __all__ = ["compression_report", "format_report", "layer_macs", "relative_bops", "save_report", "main",
-           "ReportError"]
+           "ReportError", "CompressionMeter", "METRICS"]
 
 DENSE_BITS = 32
 
@@ -215,6 +216,67 @@ def relative_bops(layers: list[dict], weight_bits: int = 8, act_bits: int = 8) -
     return {"relative": bops / dense if dense else None, "layers": out}
 
 
+METRICS = ("rel_bops", "sparsity", "bits", "size_bytes")
+
+
+class CompressionMeter:
+    """The report's totals that a training budget steers, computed on the
+    model's device from the quantizers' current state (no host read)::
+
+        rel_bops   Σ MACs·density·b_w·b_a / Σ MACs·32·32   (the report's relative BOPs)
+        sparsity   1 - Σ nonzero / Σ params                (the report's sparsity)
+        bits       Σ params·B / Σ params over the quantized weights
+        size_bytes Σ (nonzero·B + params) / 8 over the quantized weights
+                   + the bytes of every other tensor       (the export's theoretical size)
+
+    over the Linear and conv layers (and any other quantized weight), in the
+    order of :data:`METRICS`.  ``act_bits`` is the report's b_a (the trainer's
+    report uses 32).  MACs are measured once, by one forward pass of
+    ``example_input``."""
+
+    def __init__(self, model: nn.Module, example_input, act_bits: float = 32.0):
+        quantizers = {}
+        for name, module, q in iter_quantizers(model):
+            quantizers.setdefault(id(module), q)
+        macs = {id(m): v for _, m, v in layer_macs(model, example_input)}
+        self.layers = [(m, macs.get(id(m), 0.0), quantizers.get(id(m))) for _, m in model.named_modules()
+                       if id(m) in macs or id(m) in quantizers]
+        self.act_bits = float(act_bits)
+        packed = {f"{name}.weight" if name else "weight" for name, _, _ in iter_quantizers(model)}
+        self.other_bytes = float(sum(v.numel() * v.element_size() for k, v in plain_state_dict(model).items()
+                                     if k not in packed))
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """[rel_bops, sparsity, bits, size_bytes] as one float64 tensor on the model's device."""
+        nz, bits, n, macs, packed, raw_bytes = [], [], [], [], [], 0.0
+        with parametrize.cached():  # each quantizer once
+            for m, mac, q in self.layers:
+                w = m.weight
+                is_packed = q is not None and getattr(q, "enabled", True) and hasattr(q, "get_bitwidth")
+                nz.append(torch.count_nonzero(w).double())
+                bits.append(q.get_bitwidth().to(w.device).double() if is_packed
+                            else torch.full((), float(DENSE_BITS), dtype=torch.float64, device=w.device))
+                n.append(float(w.numel()))
+                macs.append(mac)
+                packed.append(is_packed)
+                if not is_packed:
+                    raw_bytes += w.numel() * w.element_size()  # the export stores it as it is
+        nz, bits = torch.stack(nz), torch.stack(bits)
+        dev = nz.device
+        n_t = torch.tensor(n, dtype=torch.float64, device=dev)
+        macs_t = torch.tensor(macs, dtype=torch.float64, device=dev)
+        mask = torch.tensor(packed, dtype=torch.bool, device=dev)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        dense = sum(macs) * DENSE_BITS * DENSE_BITS
+        rel = (macs_t * nz / n_t.clamp(min=1) * bits).sum() * (self.act_bits / dense) if dense else zero
+        sparsity = 1 - nz.sum() / max(sum(n), 1.0)
+        qn = sum(x for x, p in zip(n, packed) if p)
+        mean_bits = (n_t * bits).where(mask, zero).sum() / qn if qn else zero + float("nan")
+        size = (nz * bits + n_t).where(mask, zero).sum() / 8 + (raw_bytes + self.other_bytes)
+        return torch.stack([rel, sparsity, mean_bits, size])
+
+
 def _layer_row(index, name, m, kind, qinfo, sizes, batch, act_bits) -> dict:
     numel_out, ncalls = sizes
     w = m.weight.detach()
@@ -350,6 +412,7 @@ def _one_line(e: BaseException) -> str:
 
 
 RUNS_CHART = "accuracy_vs_bops.png"
+MILESTONES_CHART = "milestones.png"  # next to RUNS_CHART, for runs with budget milestones
 
 
 def read_run(run_dir: str) -> dict:
@@ -377,15 +440,14 @@ def _runs_table(runs: list[dict]) -> str:
         best = max(r.get("val_acc", 0.0) for r in run["records"])
         table.append([run["name"], str(last.get("epoch", "-")), num("val_acc", ".4f"), f"{best:.4f}",
                       num("relative_bops", ".4f"), num("sparsity_mean", ".4f"), num("bits_mean", ".2f")])
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in table)
+    return _align(table)
 
 
 def compare_runs(run_dirs: list[str], out: str) -> str:
     """Print a table of the runs and draw them on one accuracy-vs-relative-BOPs
     chart at ``out``; runs without relative BOPs (``eval_bobs: false``) are
-    listed but not drawn."""
+    listed but not drawn.  Runs with budget milestones also get a table of
+    them and ``milestones.png`` (accuracy at each milestone) beside ``out``."""
     runs = [read_run(d) for d in run_dirs]
     empty = [r["name"] for r in runs if not r["records"]]
     if empty:
@@ -398,9 +460,36 @@ def compare_runs(run_dirs: list[str], out: str) -> str:
     if missing:
         print(f"not drawn (no relative_bops; trained with eval_bobs: false): {', '.join(missing)}")
     try:
-        return save_figure(runs_figure(drawn), out)
+        path = save_figure(runs_figure(drawn), out)
     except OSError as e:
         raise ReportError(f"cannot write {out}: {_one_line(e)}") from None
+    with_ms = [r for r in runs if any(isinstance(x.get("milestone"), dict) for x in r["records"])]
+    if with_ms:
+        print(_milestones_table(with_ms))
+        ms_path = os.path.join(os.path.dirname(os.path.abspath(out)), MILESTONES_CHART)
+        try:
+            print(f"wrote {save_figure(milestones_figure(with_ms), ms_path)}")
+        except OSError as e:
+            raise ReportError(f"cannot write {ms_path}: {_one_line(e)}") from None
+    return path
+
+
+def _milestones_table(runs: list[dict]) -> str:
+    table = [["run", "metric", "target", "reached", "epoch", "val_acc"]]
+    for run in runs:
+        for r in run["records"]:
+            m = r.get("milestone")
+            if isinstance(m, dict):
+                table.append([run["name"], str((r.get("budget") or {}).get("metric", "-")), f"{m['target']:g}",
+                              f"{m['value']:.4g}", str(m["epoch"]), f"{m['val_acc']:.4f}"])
+    return _align(table)
+
+
+def _align(table: list[list[str]]) -> str:
+    """Rows of cells as text: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in table)
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from codeq.errors import ConfigError
+from codeq.report import METRICS as BUDGET_METRICS
 from codeq.registry import (
     DATASET_REGISTRY,
     LOSS_REGISTRY,
@@ -56,6 +57,7 @@ __all__ = [
     "OptimizerConfig",
     "LossTermConfig",
     "DatasetConfig",
+    "BudgetConfig",
     "load_config",
     "load_yaml",
     "apply_overrides",
@@ -69,6 +71,7 @@ __all__ = [
     "DEVICE_CHOICES",
     "WANDB_MODES",
     "AUGMENT_CHOICES",
+    "BUDGET_METRICS",
 ]
 
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
@@ -265,6 +268,62 @@ class DatasetConfig:
                               f"or {path}.on_device: false for RandAugment")
 
 
+def _check_fraction(path: str, v: float) -> None:
+    if not 0 < v <= 1:
+        raise ConfigError(f"{path} must be in (0, 1] (a fraction of the run), got {v}")
+
+
+def _check_tolerance(path: str, v: float) -> None:
+    if not 0 < v < 1:
+        raise ConfigError(f"{path} must be in (0, 1) (a relative error), got {v}")
+
+
+@dataclass(kw_only=True)
+class BudgetConfig:
+    metric: str = key(doc="what to reach: rel_bops (the report's relative BOPs), sparsity (fraction of zero "
+                          "weights), bits (mean bit-width of the quantized weights), size_bytes (the compact "
+                          "export's theoretical size)", choices=(BUDGET_METRICS, "budget metric"))
+    target: float | None = key(None, "the value to reach by reach_by and hold to the end (or give milestones)")
+    milestones: list[float] = key([], "targets in turn, each held for an epoch and saved as milestone-<value>.th "
+                                      "with its export (instead of target)")
+    reach_by: float = key(0.8, "fraction of the run by which to be on the (last) target", check=_check_fraction)
+    tolerance: float = key(0.1, "relative error that counts as on target (milestones, the final report)",
+                           check=_check_tolerance)
+    kp: float = key(4.0, "the controller's proportional gain (per unit of log error)", minimum=0)
+    ki: float = key(2.0, "the controller's integral gain (per unit of log error x epoch)", minimum=0)
+
+    def validate(self, path: str) -> None:
+        if (self.target is None) == (not self.milestones):
+            raise ConfigError(f"{path} needs either target or milestones (one of them)")
+        targets = self.milestones or [self.target]
+        where = f"{path}.milestones" if self.milestones else f"{path}.target"
+        for t in targets:
+            if self.metric == "rel_bops" and not 0 < t <= 1:
+                raise ConfigError(f"{where}: rel_bops must be in (0, 1], got {t}")
+            if self.metric == "sparsity" and not 0 <= t < 1:
+                raise ConfigError(f"{where}: sparsity must be in [0, 1), got {t}")
+            if self.metric in ("bits", "size_bytes") and not t > 0:
+                raise ConfigError(f"{where}: {self.metric} must be more than 0, got {t}")
+        sizes = [1 - t if self.metric == "sparsity" else t for t in targets]
+        if any(b >= a for a, b in zip(sizes, sizes[1:])):
+            order = "increasing" if self.metric == "sparsity" else "decreasing"
+            raise ConfigError(f"{where} must be strictly {order} (each more compressed than the one before), "
+                              f"got {targets}")
+        if self.kp == 0 and self.ki == 0:
+            raise ConfigError(f"{path}: kp and ki are both 0, so the controller would never act")
+
+
+def _default_kwarg(cls, kwargs: dict, name: str):
+    """kwargs[name], or the default of cls's argument ``name`` (None: cls has no such argument)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        p = inspect.signature(cls).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if p is None or p.default is p.empty else p.default
+
+
 @dataclass(kw_only=True)
 class Config:
     model: str = key(doc="the model (MODEL_REGISTRY)", choices=(MODEL_REGISTRY, "model"), resume=True)
@@ -305,6 +364,8 @@ class Config:
     optimizer: OptimizerConfig = key(doc="the optimizer and its parameter groups")
     loss_terms: list[LossTermConfig] = key([], "terms added to the cross-entropy, each lambda x term(model)")
     dataset: DatasetConfig = key(DatasetConfig, "the data")
+    budget: BudgetConfig | None = key(None, "train to a target size: the regulariser strengths follow a controller "
+                                            "(docs/TRAINING.md#training-to-a-budget)", resume=True)
 
     def validate(self, path: str = "") -> None:
         _check_kwargs("model_kwargs", self.model_kwargs, MODEL_REGISTRY[self.model], f"model '{self.model}'",
@@ -316,6 +377,62 @@ class Config:
             if not graph_capable_class(OPTIMIZER_REGISTRY[self.optimizer.type]):
                 raise ConfigError(f"cuda_graph works with torch's Adam, AdamW and SGD (their fused, capturable CUDA "
                                   f"steps), not '{self.optimizer.type}'; set cuda_graph: auto or false")
+            if self.budget is not None:
+                raise ConfigError("cuda_graph keeps the regulariser strengths it was captured with, and a budget "
+                                  "changes them during the run; set cuda_graph: auto (off under a budget) or false")
+        if self.budget is not None:
+            self._validate_budget()
+
+    def budget_strengths(self) -> dict:
+        """{name: configured strength} of the regularisers a budget scales (see
+        codeq/train/budget.py), those above 0, for this config's metric."""
+        b = self.budget
+        q = self.quantizer
+        cls = QUANTIZER_REGISTRY[q.name]
+        learnable_bit = bool(_default_kwarg(cls, q.kwargs, "learnable_bit"))
+        use_dz = bool(_default_kwarg(cls, q.kwargs, "learnable_deadzone")) and b.metric != "bits"
+        use_bit = learnable_bit and b.metric != "sparsity"
+        groups = self.optimizer.param_groups
+        out = {}
+        for kind, on in (("dz", use_dz), ("bit", use_bit)):
+            if not on:
+                continue
+            g = getattr(groups, kind) or groups.base
+            if g.weight_decay > 0:
+                out[f"optimizer.param_groups.{kind}.weight_decay"] = g.weight_decay
+            for i, t in enumerate(self.loss_terms):
+                lam = float(t.kwargs.get(f"lambda_{kind}", 0.0)) if t.name == "theta_l2" else 0.0
+                if lam > 0 and t.lam > 0:
+                    out[f"loss_terms.{i}.kwargs.lambda_{kind}"] = lam
+        return out
+
+    def _validate_budget(self) -> None:
+        b = self.budget
+        q = self.quantizer
+        cls = QUANTIZER_REGISTRY[q.name] if q is not None else None
+        if cls is None or _default_kwarg(cls, q.kwargs, "learnable_deadzone") is None:
+            raise ConfigError(f"budget needs the deadzone quantizer (its learned dead zone and bit-width are what a "
+                              f"budget steers), but the quantizer is {q.name if q else 'null'}")
+        learnable_bit = bool(_default_kwarg(cls, q.kwargs, "learnable_bit"))
+        learnable_dz = bool(_default_kwarg(cls, q.kwargs, "learnable_deadzone"))
+        if b.metric == "bits":
+            if not learnable_bit:
+                raise ConfigError("budget.metric bits needs learnable bit-widths (quantizer.kwargs.learnable_bit: "
+                                  "true); with fixed bit-widths the mean bit-width cannot move")
+            lo = float(_default_kwarg(cls, q.kwargs, "min_bits"))
+            hi = float(_default_kwarg(cls, q.kwargs, "max_bits"))
+            for t in b.milestones or [b.target]:
+                if not lo <= t <= hi:
+                    raise ConfigError(f"budget: a bits target must be within the quantizer's min_bits..max_bits "
+                                      f"({lo:g}..{hi:g}), got {t}")
+        elif not learnable_dz and not (learnable_bit and b.metric != "sparsity"):
+            raise ConfigError(f"budget.metric {b.metric} needs a learnable dead zone (quantizer.kwargs."
+                              "learnable_deadzone: true)")
+        if not self.budget_strengths():
+            kind = "bit" if b.metric == "bits" else "dz"
+            raise ConfigError(f"budget: nothing to steer; set optimizer.param_groups.{kind}.weight_decay or a "
+                              f"theta_l2 term's lambda_{kind} above 0 (the controller scales the configured "
+                              "strength)")
 
 
 # ------------------------------------------------- derived from the schema --

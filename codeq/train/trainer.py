@@ -6,6 +6,7 @@ checkpoints, resume, training curves and the compression report."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -18,16 +19,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import codeq
-from codeq._io import read_jsonl
+from codeq._io import atomic_write_bytes, json_safe, read_jsonl
 from codeq.checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from codeq.errors import TrainingDiverged
+from codeq.export import export_model
 from codeq.fastpath import FusedWeights
 from codeq.losses import group_lasso
 from codeq.models import build_model, example_input
 from codeq.parametrize import iter_quantizers
 from codeq.plots import save_figure, training_curves_figure
 from codeq.registry import LOSS_REGISTRY
-from codeq.report import compression_report, format_report, layer_macs, relative_bops, save_report
+from codeq.report import METRICS, CompressionMeter, compression_report, format_report, layer_macs, relative_bops, \
+    save_report
+from codeq.train.budget import BudgetController, Knob
 from codeq.train.config import Config, ConfigError, check_resume_compatible, config_to_dict
 from codeq.train.data import build_datasets, build_loaders
 from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash, resolve_device
@@ -96,10 +100,17 @@ class Trainer:
             qs = {id(m): q for _, m, q in self.quantized}
             self.bops_layers = [(name, m, macs, qs.get(id(m)))
                                 for name, m, macs in layer_macs(model, example_input(cfg.img_size).to(device))]
+        # budget: the regulariser strengths follow a controller (codeq/train/budget.py).
+        self.budget, self.meter = None, None
+        if cfg.budget is not None:
+            self.meter = CompressionMeter(model, example_input(cfg.img_size).to(device))
+            knobs = [Knob(name, scale, self._writer(name)) for name, scale in cfg.budget_strengths().items()]
+            self.budget = BudgetController(cfg.budget, knobs, cfg.epochs, len(train_loader))
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
-        if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer
-            use_graph = device.type == "cuda" and not self.dist.enabled and graph_capable(cfg)
+        if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer, no budget
+            use_graph = (device.type == "cuda" and not self.dist.enabled and graph_capable(cfg)
+                         and cfg.budget is None)
         else:
             use_graph = bool(cfg.cuda_graph)
         if use_graph:
@@ -142,6 +153,35 @@ class Trainer:
         ddp = self.dist.wrap(self.model, self.device, sync_bn=self.cfg.sync_bn)
         self.net = torch.compile(ddp) if self.cfg.use_compile else ddp
         self.eval_net = torch.compile(self.model) if self.cfg.use_compile else self.model
+
+    # ------------------------------------------------------------ budget --
+    def _writer(self, name: str):
+        """The setter of one strength a budget controls (a name of Config.budget_strengths)."""
+        parts = name.split(".")
+        if parts[0] == "optimizer":  # optimizer.param_groups.<dz|bit>.weight_decay
+
+            def write(v):  # looked up each time: load_state_dict replaces the group dicts
+                for g in self.optimizer.param_groups:
+                    if g.get("name") == parts[2]:
+                        g["weight_decay"] = v
+            return write
+        kwargs = self.loss_terms[int(parts[1])][3]  # loss_terms.<i>.kwargs.<lambda_dz|lambda_bit>
+
+        def write_term(v):
+            kwargs[parts[3]] = v
+        return write_term
+
+    def budget_metric(self) -> float:
+        """The budget's metric now (one host read; under DDP rank 0's value on every rank)."""
+        v = self.meter.values()[METRICS.index(self.cfg.budget.metric)].reshape(1)
+        if self.dist.enabled:
+            v = self.dist.all_reduce_sum(v if self.dist.rank == 0 else torch.zeros_like(v))
+        return float(v.item())
+
+    def steer(self, epoch: int, step: int) -> None:
+        """One controller update after ``step`` steps of ``epoch`` (at each progress read)."""
+        if self.budget is not None:
+            self.budget.update(self.budget_metric(), epoch * len(self.train_loader) + step)
 
     # ------------------------------------------------------------- steps --
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor):
@@ -228,11 +268,13 @@ class Trainer:
                 console.batch()
             if step % cfg.log_interval == 0 or step == n_batches:
                 self._read_window(window, sizes, totals, epoch, step, n_batches)
+                self.steer(epoch, step)
                 if console is not None and step < n_batches:
                     n = totals[-1].item()
                     console.progress(epoch, cfg.epochs, step, n_batches, totals[0].item() / n, totals[-2].item() / n)
         if window:  # a loader shorter than its len()
             self._read_window(window, sizes, totals, epoch, step, n_batches)
+            self.steer(epoch, step)
         k = len(self.loss_terms)
         order = [0, 1, 2 + k, 3 + k] + list(range(2, 2 + k))  # loss, CE, correct, count, terms
         return totals[order].to(self.device)
@@ -363,6 +405,8 @@ class Trainer:
                               self.cfg.default_weight_bitrate, self.cfg.default_activation_bitrate)
             rec["relative_bops"] = b["relative"]
             rec["bops_layers"] = b["layers"]
+        if self.budget is not None:
+            rec["budget"] = self.budget.record()
         if rows:
             total = sum(r[4] for r in rows)
 
@@ -398,6 +442,7 @@ class Trainer:
             "epoch": int(epoch),
             "best_acc": float(self.best_acc),
             "config": config_to_dict(self.cfg),
+            "budget": self.budget.state_dict() if self.budget is not None else None,
             "rng": get_rng_state(),
             "codeq_version": codeq.__version__,
         }
@@ -423,6 +468,8 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if hasattr(self.scheduler, "T_max"):
                 self.scheduler.T_max = self.cfg.epochs  # epochs may have been raised
+        if self.budget is not None and ckpt.get("budget") is not None:
+            self.budget.load_state_dict(ckpt["budget"])
         self.start_epoch = epoch
         self.best_acc = float(ckpt.get("best_acc", 0.0))
         if ckpt.get("rng") is not None:
@@ -444,6 +491,8 @@ class Trainer:
         console = (console or Console(cfg.epochs, self.start_epoch)) if main else None
         end = cfg.epochs if stop_after is None else min(cfg.epochs, self.start_epoch + stop_after)
         records = []
+        if self.budget is not None and self.budget.start is None:
+            self.budget.begin(self.budget_metric())  # the schedule starts from the model as built
         try:
             for epoch in range(self.start_epoch, end):
                 t0 = time.perf_counter()
@@ -463,8 +512,13 @@ class Trainer:
                 if improved:
                     self.best_acc = rec["val_acc"]
                 rec["best_acc"] = self.best_acc
+                due = self.budget.milestone_due() if self.budget is not None else None
+                if due is not None:
+                    rec["milestone"] = self.budget.mark_saved(due, epoch + 1, rec["val_acc"])
                 if not main:
                     continue
+                if due is not None:
+                    self.save_milestone(run_dir, rec["milestone"], console)
                 metrics.write(rec)
                 self.draw_curves(run_dir, metrics.path, final=epoch + 1 == end)
                 wandb.log(rec, step=epoch + 1)
@@ -500,7 +554,37 @@ class Trainer:
             )
         elif report:
             self.write_report(run_dir, console)
+        if self.budget is not None and end == cfg.epochs:
+            self.write_budget(run_dir, console)
         return records
+
+    def save_milestone(self, run_dir: str, milestone: dict, console: Console) -> None:
+        """milestone-<target>.th and its compact export milestone-<target>/ (the
+        export failing is a warning: the checkpoint is what matters)."""
+        stem = os.path.join(run_dir, f"milestone-{milestone['target']:g}")
+        save_checkpoint(self.checkpoint_state(milestone["epoch"]), stem + ".th")
+        milestone["checkpoint"] = stem + ".th"
+        try:
+            export_model(self.model, stem, config=config_to_dict(self.cfg))
+            milestone["export"] = stem
+        except Exception as exc:  # noqa: BLE001 -- an export never stops training
+            warn(f"milestone export {stem} failed: {type(exc).__name__}: {exc}")
+        console.line(f"milestone {self.cfg.budget.metric} {milestone['target']:g} held for an epoch: "
+                     f"{milestone['value']:.4g}, val_acc {milestone['val_acc']:.4f} -> {stem}.th")
+
+    def write_budget(self, run_dir: str, console: Console) -> dict:
+        """budget.json (target, reached value, error, milestones) and its line in the console."""
+        s = self.budget.summary()
+        atomic_write_bytes(os.path.join(run_dir, "budget.json"),
+                           (json.dumps(json_safe(s), indent=2) + "\n").encode())
+        err = s["relative_error"]
+        verdict = "on target" if s["within_tolerance"] else f"outside the ±{self.cfg.budget.tolerance:.0%} tolerance"
+        console.line(f"budget: {s['metric']} target {s['target']:g}, reached {s['reached']:.4g} "
+                     f"({err:+.1%}, {verdict})")
+        if s["missed_milestones"]:
+            console.line("budget: milestones never held for an epoch: "
+                         + ", ".join(f"{t:g}" for t in s["missed_milestones"]))
+        return s
 
     def draw_curves(self, run_dir: str, metrics_path: str, final: bool = False) -> None:
         """training_curves.png from every epoch of metrics.jsonl: after the
@@ -546,4 +630,7 @@ def _summary_line(rec: dict, epochs: int) -> str:
         s += f" bits {rec['bits_mean']:.2f}"
     if rec.get("relative_bops") is not None:
         s += f" rel_bops {rec['relative_bops']:.4f}"
+    b = rec.get("budget")
+    if b is not None:
+        s += f" | budget {b['metric']} {b['value']:.4g} (target {b['target']:.4g}, u {b['u']:.3g})"
     return s
