@@ -21,6 +21,7 @@ from codeq.train.budget import BudgetController, Knob
 from codeq.train.cli import main
 from codeq.train.config import ConfigError, config_from_dict
 from test_train_cli import read_metrics, run_dirs, tiny, write
+from test_train_ddp import torchrun
 
 
 def budget_cfg(tmp_path, budget, **over):
@@ -254,3 +255,20 @@ def test_milestones_are_saved_exported_and_drawn(tmp_path, capsys):
     assert report_main([run, "--out", str(chart)]) == 0
     assert (tmp_path / "milestones.png").stat().st_size > 10_000
     assert "0.05" in capsys.readouterr().out
+
+
+def test_budget_under_ddp_follows_the_single_process_run(tmp_path):
+    """2 processes x batch 8 with a budget follow 1 process x batch 16 (the
+    metric all-reduced from rank 0 at every update); rank 0 alone reports."""
+    d = budget_cfg(tmp_path, {"metric": "rel_bops", "target": 0.05}, epochs=2, log_interval=1, batch_size=8,
+                   dataset={"name": "synthetic", "train_size": 64, "val_size": 32, "augment": "none"})
+    cfg = write(tmp_path, d)
+    assert main(["--config", cfg, "--set", f"save_dir={tmp_path / 's'}", "--set", "batch_size=16"]) == 0
+    r = torchrun(["--config", cfg, "--set", f"save_dir={tmp_path / 'd'}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (s_run,), (d_run,) = run_dirs(tmp_path, "s"), run_dirs(tmp_path, "d")
+    bs, bd = [x["budget"] for x in read_metrics(s_run)], [x["budget"] for x in read_metrics(d_run)]
+    assert bs[-1]["u"] > 0
+    for a, b in zip(bs, bd):
+        assert b["value"] == pytest.approx(a["value"], rel=1e-3) and b["u"] == pytest.approx(a["u"], rel=1e-2)
+    assert r.stdout.count("budget: rel_bops target 0.05") == 1  # rank 0 reports
