@@ -14,10 +14,19 @@ step) at batch 128 for each model in these variants, measured in one run:
   codeq_qat_gl_compiled  ... with use_compile: 1
   baseline_graph         baseline with cuda_graph: true (CUDA only)
   codeq_qat_gl_graph     codeq_qat_gl with cuda_graph: true (CUDA only)
+  baseline_cl            baseline with channels_last: true (NHWC batches)
+  codeq_qat_gl_cl        codeq_qat_gl with channels_last: true
+  baseline_bf16          baseline with amp: bf16
+  codeq_qat_gl_bf16      codeq_qat_gl with amp: bf16
+  baseline_tf32          baseline with matmul_precision: high (TF32; CUDA only)
+  codeq_qat_gl_tf32      codeq_qat_gl with matmul_precision: high (CUDA only)
 
-Every variant runs ``Trainer.step`` -- exactly the step the trainer runs --
-on a model built from the same config the trainer would use.  The default
-list is every variant the device can run.
+Every variant runs ``Trainer.batch`` and ``Trainer.step`` -- exactly what
+the trainer runs per batch -- on a model built from the same config the
+trainer would use, under the run's backend flags (``backend_flags``).  The
+variants without a suffix are plain float32 with contiguous batches and
+``matmul_precision: highest``.  The default list is every variant the device
+can run.
 """
 
 from __future__ import annotations
@@ -37,11 +46,13 @@ import codeq  # noqa: E402
 from codeq import reference as R  # noqa: E402
 from codeq.train.config import config_from_dict  # noqa: E402
 from codeq.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from codeq.train.precision import backend_flags  # noqa: E402
 from codeq.train.trainer import Trainer, build_run_model  # noqa: E402
 
 VARIANTS = ["baseline", "reference_qat", "reference_qat_gl", "codeq_qat", "codeq_qat_gl", "codeq_qat_gl_compiled",
-            "baseline_graph", "codeq_qat_gl_graph"]
-CUDA_ONLY = ("baseline_graph", "codeq_qat_gl_graph")
+            "baseline_graph", "codeq_qat_gl_graph", "baseline_cl", "codeq_qat_gl_cl", "baseline_bf16",
+            "codeq_qat_gl_bf16", "baseline_tf32", "codeq_qat_gl_tf32"]
+CUDA_ONLY = ("baseline_graph", "codeq_qat_gl_graph", "baseline_tf32", "codeq_qat_gl_tf32")
 
 MODELS = {
     # exclude_layers and group-lasso lambdas as in the guide's example configs
@@ -71,6 +82,9 @@ def make_config(model: str, variant: str, batch: int, device: str) -> dict:
                                                         "bit": {"lr": 1e-3, "weight_decay": 0.0}}},
         "use_compile": 1 if variant.endswith("compiled") else 0,
         "cuda_graph": variant.endswith("_graph"),
+        "channels_last": variant.endswith("_cl"),
+        "amp": "bf16" if variant.endswith("_bf16") else "none",
+        "matmul_precision": "high" if variant.endswith("_tf32") else "highest",
     }
     if not variant.startswith("baseline"):
         cfg["quantizer"] = {
@@ -121,10 +135,14 @@ def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float,
     first of a block when block > 1, so that a variant runs with its own data
     in cache, as in real training), so that drift of the machine (clock,
     neighbours) hits all variants alike and the ratios are fair."""
+    def step(tr):
+        with backend_flags(tr.cfg, device):
+            tr.step(*tr.batch(x, y))
+
     for tr in trainers.values():
         tr.model.train()
         for _ in range(warmup):
-            tr.step(x, y)
+            step(tr)
     sync(device)
     times = {v: [] for v in trainers}
     start = time.perf_counter()
@@ -133,7 +151,7 @@ def time_interleaved(trainers: dict, x, y, device, warmup: int, min_time: float,
         for v, tr in trainers.items():
             for i in range(block):
                 t0 = time.perf_counter()
-                tr.step(x, y)
+                step(tr)
                 sync(device)
                 if block == 1 or i > 0:
                     times[v].append(time.perf_counter() - t0)

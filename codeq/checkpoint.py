@@ -5,7 +5,8 @@ A checkpoint is a dict with the keys ``model`` (state_dict), ``optimizer``,
 ``scheduler`` (state_dict or None), ``epoch`` (completed epochs),
 ``best_acc``, ``config`` (the resolved config, plain builtins; its ``model``,
 ``model_kwargs``, ``img_size`` and ``quantizer`` entries describe the model),
-``budget`` (the budget controller's state, or None),
+``budget`` (the budget controller's state, or None), ``scaler`` (fp16's
+gradient scaler, or None),
 ``rng`` (torch / numpy / python RNG states) and ``codeq_version``.
 """
 
@@ -32,7 +33,8 @@ __all__ = [
     "set_rng_state",
 ]
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "config", "budget", "rng", "codeq_version")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_acc", "config", "budget", "scaler", "rng",
+                   "codeq_version")
 
 
 class CheckpointError(ConfigError):

@@ -52,6 +52,33 @@ def test_bench_train_step_writes_json(tmp_path, bench_path):
     assert bench_train_step.main(["--device", "cpu", "--variants", "baseline,codeq_qat_gl_graph"]) == 2  # CUDA only
 
 
+def test_bench_train_step_precision_variants(tmp_path, bench_path):
+    import bench_train_step
+
+    out = tmp_path / "t.json"
+    assert bench_train_step.main(["--device", "cpu", "--models", "resnet20", "--variants",
+                                  "baseline,baseline_cl,codeq_qat_gl_bf16", "--batch", "4", "--min-time", "0",
+                                  "--min-reps", "1", "--out", str(out)]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["baseline", "baseline_cl",
+                                                                             "codeq_qat_gl_bf16"]
+    assert bench_train_step.main(["--device", "cpu", "--variants", "codeq_qat_gl_tf32"]) == 2  # CUDA only
+
+
+def test_bench_epoch_writes_json(tmp_path, bench_path, capsys):
+    import bench_epoch
+
+    cfg = os.path.join(os.path.dirname(BENCH), "configs", "demo.yaml")
+    out = tmp_path / "e.json"
+    assert bench_epoch.main(["--config", cfg, "--train-size", "64", "--epochs", "2", "--set", "workers=0",
+                             "--variant", "plain=channels_last=false", "--variant", "bf16=amp=bf16",
+                             "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["amp"], len(r["epoch_s"])) for r in rows] == [("plain", "none", 2), ("bf16", "bf16", 2)]
+    assert rows[0]["ratio_to_first"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    assert bench_epoch.main(["--config", cfg, "--variant", "x=amp=fp8"]) == 2
+    assert "unknown amp mode" in capsys.readouterr().err
+
+
 def test_ab_special_paths_writes_json(tmp_path, bench_path, capsys):
     import ab_special_paths
 

@@ -23,6 +23,7 @@ from codeq.errors import DIVERGED_EXIT_CODE, TrainingDiverged
 from codeq.train import distributed as D
 from codeq.train.config import ConfigError, check_resume_compatible, load_config, save_config
 from codeq.train.logging import is_run_dir, make_run_dir
+from codeq.train.precision import backend_flags
 from codeq.train.trainer import Trainer
 
 __all__ = ["main", "build_parser"]
@@ -143,10 +144,14 @@ def _main(argv, ctx_out: list) -> int:
             + (f" ({cfg.quantizer.name})" if cfg.quantizer else "")
             + f", epochs {trainer.start_epoch + 1}..{cfg.epochs}"
             + (", steps replayed as CUDA graphs" if trainer.graph is not None else "")
+            + (", channels_last input" if trainer.channels_last else "")
+            + (f", amp {cfg.amp}" if cfg.amp != "none" else "")
+            + (f", matmul_precision {cfg.matmul_precision}" if trainer.device.type == "cuda" else "")
             + dist_line,
             flush=True,
         )
-    records = trainer.fit(run_dir or "", stop_after=args.stop_after)
+    with backend_flags(cfg, trainer.device):
+        records = trainer.fit(run_dir or "", stop_after=args.stop_after)
     if records and ctx.is_main:
         last = records[-1]
         msg = f"done: epoch {last['epoch']}, val_acc {last['val_acc']:.4f}, best {trainer.best_acc:.4f}"

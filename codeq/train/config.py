@@ -77,6 +77,8 @@ __all__ = [
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "mps")
 WANDB_MODES = ("online", "offline", "disabled")
 AUGMENT_CHOICES = ("standard", "randaugment", "none")
+AMP_CHOICES = ("none", "bf16", "fp16")
+MATMUL_PRECISIONS = ("high", "highest")
 ON_DEVICE_DATASETS = ("cifar10", "synthetic")
 
 AutoBool = Union[bool, Literal["auto"]]  # "auto", true or false
@@ -340,6 +342,17 @@ class Config:
     fused_weights: bool = key(True, "eager mode: every quantized weight and the group lasso in one fused call "
                                     "per step")
     cuda_graph: AutoBool = key(False, "replay each training step as one CUDA graph (auto: wherever it can run)")
+    channels_last: AutoBool = key("auto", "feed the network channels_last (NHWC) batches; auto: for models whose "
+                                          "Conv2d layers hold most of the weights (ResNets; the parameters stay as "
+                                          "they are, docs/TRAINING.md#speed)")
+    amp: str = key("none", "autocast the forward pass and the loss: none, bf16, or fp16 (with a gradient scaler); "
+                           "the quantizers compute in float32 from float32 weights",
+                   choices=(AMP_CHOICES, "amp mode"))
+    matmul_precision: str = key("high", "CUDA float32 matmuls and convolutions: high (TF32, as the published "
+                                        "trainer) or highest (exact float32)",
+                                choices=(MATMUL_PRECISIONS, "matmul_precision"))
+    cudnn_benchmark: bool = key(True, "CUDA: cuDNN times its convolution algorithms on the first batches (as the "
+                                      "published trainer); false: the same algorithms run after run")
     save_dir: str = key("save_temp", "run directories are created in here")
     run_name: str | None = key(None, "run directory name prefix (default: the config file's stem)",
                                check=_check_run_name)
@@ -377,6 +390,9 @@ class Config:
             if not graph_capable_class(OPTIMIZER_REGISTRY[self.optimizer.type]):
                 raise ConfigError(f"cuda_graph works with torch's Adam, AdamW and SGD (their fused, capturable CUDA "
                                   f"steps), not '{self.optimizer.type}'; set cuda_graph: auto or false")
+            if self.amp == "fp16":
+                raise ConfigError("cuda_graph does not work with amp: fp16 (its gradient scaler reads the gradients "
+                                  "on the host every step); use amp: bf16 (no scaler) or cuda_graph: auto or false")
             if self.budget is not None:
                 raise ConfigError("cuda_graph keeps the regulariser strengths it was captured with, and a budget "
                                   "changes them during the run; set cuda_graph: auto (off under a budget) or false")

@@ -162,8 +162,11 @@ def graph_capable_class(cls) -> bool:
 
 
 def graph_capable(cfg) -> bool:
-    """Whether this config's optimizer and mode allow ``cuda_graph`` (not under ``use_compile``)."""
-    return not cfg.use_compile and graph_capable_class(OPTIMIZER_REGISTRY.get(cfg.optimizer.type))
+    """Whether this config's optimizer and mode allow ``cuda_graph`` (not under
+    ``use_compile``, a budget -- it changes the strengths a graph would hold --
+    or fp16's gradient scaler, which reads the gradients on the host)."""
+    return (not cfg.use_compile and cfg.budget is None and cfg.amp != "fp16"
+            and graph_capable_class(OPTIMIZER_REGISTRY.get(cfg.optimizer.type)))
 
 
 def _wants_fused(cls, groups) -> bool:

@@ -39,6 +39,7 @@ from codeq.train.graph import GraphStep
 from codeq.train.logging import Console, MetricsFile, WandbLogger, warn
 from codeq.train.malloc import tune_malloc
 from codeq.train.optim import build_optimizer, build_scheduler, graph_capable
+from codeq.train.precision import autocast, wants_channels_last
 from codeq.train.sampling import epoch_seed
 
 __all__ = ["Trainer", "seed_everything", "build_run_model"]
@@ -86,6 +87,11 @@ class Trainer:
         self._curves_at = -math.inf  # when it was last drawn (time.monotonic)
         self.best_acc = 0.0
         self.quantized = [(name, module, q) for name, module, q in iter_quantizers(model)]
+        # channels_last: the batches in NHWC (the parameters stay as they are, docs/TRAINING.md#speed).
+        self.channels_last = wants_channels_last(cfg.channels_last, model)
+        self.memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        # amp: fp16 needs a gradient scaler (its small gradients would underflow).
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         # Eager fast path (codeq.fastpath): every quantized weight, and the first
         # group-lasso term, in one fused call per step.  Not under torch.compile,
         # which traces the per-layer ops and fuses on its own.
@@ -108,9 +114,8 @@ class Trainer:
             self.budget = BudgetController(cfg.budget, knobs, cfg.epochs, len(train_loader))
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
-        if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, a capturable optimizer, no budget
-            use_graph = (device.type == "cuda" and not self.dist.enabled and graph_capable(cfg)
-                         and cfg.budget is None)
+        if cfg.cuda_graph == "auto":  # on where it can run: CUDA, one process, graph_capable
+            use_graph = device.type == "cuda" and not self.dist.enabled and graph_capable(cfg)
         else:
             use_graph = bool(cfg.cuda_graph)
         if use_graph:
@@ -184,15 +189,25 @@ class Trainer:
             self.budget.update(self.budget_metric(), epoch * len(self.train_loader) + step)
 
     # ------------------------------------------------------------- steps --
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device, the images in the run's memory format."""
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
+
+    def autocast(self):
+        """The run's ``amp`` autocast (no weight cache inside a CUDA graph)."""
+        return autocast(self.cfg.amp, self.device, cache=self.graph is None)
+
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor):
         """(total loss, [CE, term_1, ..., term_k], logits): the terms unweighted,
         in ``loss_terms`` order.  The forward pass and the loss terms run in one
         ``parametrize.cached()`` block: each quantizer runs once, and the terms
-        see the quantized weights the forward pass used."""
-        with parametrize.cached():
+        see the quantized weights the forward pass used.  Under ``amp`` the
+        block is autocast; the cross-entropy takes float32 logits."""
+        with parametrize.cached(), self.autocast():
             fused_gl = self.fast.prefill() if self.fast is not None else None
             logits = self.net(x)
-            ce = F.cross_entropy(logits, y)
+            ce = F.cross_entropy(logits.float(), y)
             loss = ce
             parts = [ce]
             for i, (_, fn, lam, kwargs) in enumerate(self.loss_terms):
@@ -216,8 +231,13 @@ class Trainer:
         as one float32 device tensor (nothing read on the host)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, parts, logits = self.compute_loss(x, y)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is not None:  # amp: fp16 -- a step with inf/nan gradients is skipped, the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         correct = (logits.detach().argmax(1) == y).sum()
         # float32: exact counts and no overflow whatever the loss dtype
         return torch.stack([v.detach().float() for v in (loss, *parts)] + [correct.float()])
@@ -260,8 +280,7 @@ class Trainer:
         step = 0
         for step, (x, y) in enumerate(self.train_loader, 1):
             maybe_test_crash(rank, epoch, step)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
+            x, y = self.batch(x, y)
             window.append(self.step(x, y))
             sizes.append(y.shape[0])
             if console is not None:
@@ -325,10 +344,9 @@ class Trainer:
         dev = self.device
         acc = torch.zeros(2, dtype=torch.float64, device=dev)
         n = 0
-        with parametrize.cached():
+        with parametrize.cached(), self.autocast():
             for x, y in self.val_loader:
-                x = x.to(dev, non_blocking=True)
-                y = y.to(dev, non_blocking=True)
+                x, y = self.batch(x, y)
                 logits = self.eval_net(x)
                 acc += torch.stack([
                     F.cross_entropy(logits.float(), y, reduction="sum").double(),
@@ -443,6 +461,7 @@ class Trainer:
             "best_acc": float(self.best_acc),
             "config": config_to_dict(self.cfg),
             "budget": self.budget.state_dict() if self.budget is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": get_rng_state(),
             "codeq_version": codeq.__version__,
         }
@@ -470,6 +489,8 @@ class Trainer:
                 self.scheduler.T_max = self.cfg.epochs  # epochs may have been raised
         if self.budget is not None and ckpt.get("budget") is not None:
             self.budget.load_state_dict(ckpt["budget"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch = epoch
         self.best_acc = float(ckpt.get("best_acc", 0.0))
         if ckpt.get("rng") is not None:
