@@ -14,6 +14,9 @@
 #   train       run_training.py on configs/demo.yaml (synthetic data) on cuda, twice:
 #               the DataLoader path and dataset.on_device
 #   compiled    bench_train_step.py: baseline vs codeq_qat_gl_compiled (use_compile: 1)
+#   precision   bench_train_step.py with TF32, bf16 autocast and channels_last batches
+#               (*_tf32, *_bf16, *_cl), and run_training.py on configs/demo.yaml with amp
+#               bf16 and fp16
 #   profile     benchmarks/profile_step.py --graph: launches and host time per step, and
 #               a CUDA graph of the whole step (MLP, ResNet-20)
 #   sanitizer   compute-sanitizer memcheck, racecheck, synccheck, initcheck on
@@ -40,7 +43,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check_$STAMP.log
 REPORT=$OUT/gpu_check_$STAMP
-ALL_STEPS=build,tests,bench_train,bench_quant,train,compiled,profile,sanitizer,bench_data,report
+ALL_STEPS=build,tests,bench_train,bench_quant,train,compiled,precision,profile,sanitizer,bench_data,report
 STEPS=${STEPS:-$ALL_STEPS}
 BUDGET_S=${BUDGET_S:-0}
 T_START=$(date +%s)
@@ -151,6 +154,17 @@ do_compiled() {
     --out "$OUT/bench_train_step_compiled_${DEV}_$STAMP.json"
 }
 
+do_precision() {
+  local tf32=baseline_tf32,codeq_qat_gl_tf32,
+  [ "$DEV" = cuda ] || tf32=""  # TF32 is a CUDA setting
+  local common="--config configs/demo.yaml --device $DEV --set epochs=1 --set save_dir=/tmp/codeq_gpu_check"
+  step precision 500 bash -c "\"$PY\" benchmarks/bench_train_step.py --device $DEV --models mlp,resnet20,vit \
+    --variants baseline,${tf32}baseline_bf16,baseline_cl,codeq_qat_gl,codeq_qat_gl_bf16,codeq_qat_gl_cl \
+    --block 10 --min-time 1 --min-reps 5 --out \"$OUT/bench_train_step_precision_${DEV}_$STAMP.json\" && \
+    \"$PY\" run_training.py $common --set run_name=bf16 --set amp=bf16 && \
+    \"$PY\" run_training.py $common --set run_name=fp16 --set amp=fp16"
+}
+
 do_profile() {
   step profile 200 "$PY" benchmarks/profile_step.py --device "$DEV" --models mlp,resnet20 \
     --variants baseline,codeq_qat_gl --graph --out "$OUT/profile_step_${DEV}_$STAMP.json"
@@ -189,7 +203,7 @@ do_report() {
 IFS=, read -r -a ORDER <<<"$STEPS"
 for name in "${ORDER[@]}"; do
   case "$name" in
-    build|tests|bench_train|bench_quant|train|compiled|profile|sanitizer|bench_data|report) "do_$name" ;;
+    build|tests|bench_train|bench_quant|train|compiled|precision|profile|sanitizer|bench_data|report) "do_$name" ;;
     *) say "unknown step '$name' (steps: $ALL_STEPS)"; exit 2 ;;
   esac
 done

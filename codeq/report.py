@@ -453,9 +453,21 @@ def compare_runs(run_dirs: list[str], out: str) -> str:
     if empty:
         raise ReportError(f"no completed epoch in {', '.join(empty)} (metrics.jsonl is empty)")
     print(_runs_table(runs))
+    ms_path = None
+    with_ms = [r for r in runs if any(isinstance(x.get("milestone"), dict) for x in r["records"])]
+    if with_ms:
+        print(_milestones_table(with_ms))
+        ms_path = os.path.join(os.path.dirname(os.path.abspath(out)), MILESTONES_CHART)
+        try:
+            save_figure(milestones_figure(with_ms), ms_path)
+        except OSError as e:
+            raise ReportError(f"cannot write {ms_path}: {_one_line(e)}") from None
     drawn = [r for r in runs if any(isinstance(x.get("relative_bops"), (int, float)) for x in r["records"])]
     missing = [r["name"] for r in runs if r not in drawn]
     if not drawn:
+        if ms_path is not None:  # the milestones are drawn; there is nothing for the BOPs chart
+            print("no accuracy-vs-relative-BOPs chart: the runs were trained with eval_bobs: false")
+            return ms_path
         raise ReportError("none of the runs logged relative_bops (they were trained with eval_bobs: false)")
     if missing:
         print(f"not drawn (no relative_bops; trained with eval_bobs: false): {', '.join(missing)}")
@@ -463,14 +475,8 @@ def compare_runs(run_dirs: list[str], out: str) -> str:
         path = save_figure(runs_figure(drawn), out)
     except OSError as e:
         raise ReportError(f"cannot write {out}: {_one_line(e)}") from None
-    with_ms = [r for r in runs if any(isinstance(x.get("milestone"), dict) for x in r["records"])]
-    if with_ms:
-        print(_milestones_table(with_ms))
-        ms_path = os.path.join(os.path.dirname(os.path.abspath(out)), MILESTONES_CHART)
-        try:
-            print(f"wrote {save_figure(milestones_figure(with_ms), ms_path)}")
-        except OSError as e:
-            raise ReportError(f"cannot write {ms_path}: {_one_line(e)}") from None
+    if ms_path is not None:
+        print(f"wrote {ms_path}")
     return path
 
 
