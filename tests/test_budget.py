@@ -32,7 +32,8 @@ def budget_cfg(tmp_path, budget, **over):
 
 
 def bcfg(**kw):
-    base = dict(metric="rel_bops", target=0.05, milestones=[], reach_by=0.8, tolerance=0.1, kp=4.0, ki=2.0)
+    base = dict(metric="rel_bops", target=0.05, milestones=[], reach_by=0.8, tolerance=0.1, kp=4.0, ki=2.0,
+                max_factor=10.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -53,6 +54,7 @@ def bcfg(**kw):
     ({"metric": "rel_bops", "target": 0.1, "reach_by": 1.5}, {}, "must be in (0, 1]"),
     ({"metric": "rel_bops", "target": 0.1, "tolerance": 0}, {}, "must be in (0, 1)"),
     ({"metric": "rel_bops", "target": 0.1, "kp": 0, "ki": 0}, {}, "never act"),
+    ({"metric": "rel_bops", "target": 0.1, "max_factor": 0}, {}, "max_factor must be more than 0"),
     ({"metric": "rel_bops", "target": 0.1, "speed": 2}, {}, "unknown key 'budget.speed'"),
 ])
 def test_bad_budgets_are_one_line_config_errors(tmp_path, budget, over, words):
@@ -135,6 +137,18 @@ def test_lambda_is_never_negative_and_follows_the_error():
     for step in range(102, 140):
         c.update(0.001, step)  # far below: it lets go completely
     assert c.u == 0 and written == {"a": 0.0, "b": 0.0}
+
+
+def test_the_controller_stops_at_max_factor_without_winding_up():
+    c = BudgetController(bcfg(target=0.01, max_factor=3.0), [], epochs=100, steps_per_epoch=10)
+    c.begin(0.25)
+    for step in range(1, 500):  # a plant that does not follow at all, for 50 epochs
+        c.update(0.25, step)
+        assert 0 <= c.u <= 3.0
+    assert c.saturated and c.integral <= 3.0 / c.cfg.ki
+    for step in range(500, 503):  # once it follows (and passes the target), the pull goes at once
+        c.update(0.001, step)
+    assert c.u == 0 and not c.saturated
 
 
 def test_a_target_met_at_the_start_never_pulls():
@@ -281,3 +295,12 @@ def test_budget_under_ddp_follows_the_single_process_run(tmp_path):
     for a, b in zip(bs, bd):
         assert b["value"] == pytest.approx(a["value"], rel=1e-3) and b["u"] == pytest.approx(a["u"], rel=1e-2)
     assert r.stdout.count("budget: rel_bops target 0.05") == 1  # rank 0 reports
+
+
+def test_a_saturated_controller_warns_once(tmp_path, capsys):
+    d = budget_cfg(tmp_path, {"metric": "rel_bops", "target": 0.01, "max_factor": 0.001}, epochs=2, loss_terms=[])
+    assert main(["--config", write(tmp_path, d)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: budget: the controller is at its limit (budget.max_factor 0.001") == 1
+    (run,) = run_dirs(tmp_path)
+    assert all(r["budget"]["u"] == 0.001 for r in read_metrics(run))

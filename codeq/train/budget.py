@@ -14,7 +14,7 @@ budget", has the equations)::
                target, geometrically, by p = reach_by (milestones: in steps)
     e        = ln(size(m) / size(tau))        > 0: not compressed enough
     I       <- max(0, I + e dt)               dt: epochs since the last update
-    u        = max(0, kp e + ki I)
+    u        = clip(kp e + ki I, 0, max_factor)   (I held where u would pass max_factor)
 
 The controlled strengths (whichever the config sets above 0): the weight decay
 of the ``dz`` / ``bit`` parameter groups and the ``lambda_dz`` / ``lambda_bit``
@@ -117,8 +117,12 @@ class BudgetController:
         dt = (step - self.last_step) / self.steps_per_epoch
         target = self.target_at(step)
         e = self.error(value, target)
-        self.integral = max(0.0, self.integral + e * dt)
-        self.u = max(0.0, self.cfg.kp * e + self.cfg.ki * self.integral)
+        kp, ki, top = self.cfg.kp, self.cfg.ki, self.cfg.max_factor
+        integral = max(0.0, self.integral + e * dt)
+        if ki > 0:  # anti-windup: the integral stops where u would pass max_factor
+            integral = min(integral, max(0.0, (top - kp * e) / ki))
+        self.integral = integral
+        self.u = min(top, max(0.0, kp * e + ki * integral))
         i, frac = self._segment(self._progress(step))
         # held: the schedule sits at the milestone and the metric is within tolerance of it or past it
         # (training compresses a model on its own too, and λ >= 0 cannot pull it back)
@@ -130,6 +134,11 @@ class BudgetController:
         self.last_step, self.value = step, float(value)
         self.apply()
         return self.u
+
+    @property
+    def saturated(self) -> bool:
+        """Whether u is at max_factor (the metric is not following however hard it pulls)."""
+        return self.u >= self.cfg.max_factor
 
     def apply(self) -> dict:
         """Write u into every knob; {knob name: strength}."""

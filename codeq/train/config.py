@@ -275,6 +275,11 @@ def _check_fraction(path: str, v: float) -> None:
         raise ConfigError(f"{path} must be in (0, 1] (a fraction of the run), got {v}")
 
 
+def _check_positive(path: str, v: float) -> None:
+    if not v > 0:
+        raise ConfigError(f"{path} must be more than 0, got {v}")
+
+
 def _check_tolerance(path: str, v: float) -> None:
     if not 0 < v < 1:
         raise ConfigError(f"{path} must be in (0, 1) (a relative error), got {v}")
@@ -293,6 +298,8 @@ class BudgetConfig:
                            check=_check_tolerance)
     kp: float = key(4.0, "the controller's proportional gain (per unit of log error)", minimum=0)
     ki: float = key(2.0, "the controller's integral gain (per unit of log error x epoch)", minimum=0)
+    max_factor: float = key(10.0, "the most the controller multiplies the configured strengths by (its integral "
+                                  "stops growing there)", check=_check_positive)
 
     def validate(self, path: str) -> None:
         if (self.target is None) == (not self.milestones):

@@ -107,7 +107,7 @@ class Trainer:
             self.bops_layers = [(name, m, macs, qs.get(id(m)))
                                 for name, m, macs in layer_macs(model, example_input(cfg.img_size).to(device))]
         # budget: the regulariser strengths follow a controller (codeq/train/budget.py).
-        self.budget, self.meter = None, None
+        self.budget, self.meter, self._budget_warned = None, None, False
         if cfg.budget is not None:
             self.meter = CompressionMeter(model, example_input(cfg.img_size).to(device))
             knobs = [Knob(name, scale, self._writer(name)) for name, scale in cfg.budget_strengths().items()]
@@ -549,6 +549,13 @@ class Trainer:
                     save_checkpoint(state, os.path.join(run_dir, "best.th"))
                 console.end_epoch()
                 console.line(_summary_line(rec, cfg.epochs))
+                if self.budget is not None and self.budget.saturated and not self._budget_warned:
+                    self._budget_warned = True
+                    warn(f"budget: the controller is at its limit (budget.max_factor {cfg.budget.max_factor:g} x "
+                         f"the configured strengths) and {cfg.budget.metric} is still {rec['budget']['value']:.4g} "
+                         f"against {rec['budget']['target']:.4g} scheduled; the logits may move no faster than "
+                         "their learning rate allows (Adam: about lr per step) -- raise the dz/bit lr, train longer "
+                         "or set a later budget.reach_by")
         except TrainingDiverged as exc:
             if not main:
                 raise
