@@ -25,7 +25,8 @@ weights by default.
 
 Command line: ``python -m codeq.report CHECKPOINT [--out DIR] [--act-bits 32]``,
 or ``python -m codeq.report RUN_DIR [RUN_DIR ...] [--out CHART.png]`` for a
-table of runs and their accuracy-vs-relative-BOPs chart.
+table of runs and their accuracy-vs-relative-BOPs chart (and, for runs with
+budget milestones, their table and ``milestones.png``).
 """
 
 from __future__ import annotations

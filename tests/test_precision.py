@@ -17,6 +17,7 @@ from codeq.train.optim import build_optimizer, build_scheduler
 from codeq.train.precision import backend_flags, wants_channels_last
 from codeq.train.trainer import Trainer, build_run_model
 from test_train_cli import read_metrics, run_dirs, tiny, write
+from test_train_ddp import torchrun
 
 RESNET = {"num_blocks": [1, 1, 1], "width": 8}
 
@@ -166,3 +167,12 @@ def test_cli_runs_with_channels_last_and_bf16(tmp_path, capsys):
     (run,) = run_dirs(tmp_path)
     rec = read_metrics(run)[-1]
     assert rec["val_acc"] >= 0 and rec["train_loss"] == rec["train_loss"]
+
+
+def test_fp16_under_ddp(tmp_path):
+    d = tiny(tmp_path, "resnet20", model_kwargs=RESNET, amp="fp16", epochs=1)
+    r = torchrun(["--config", write(tmp_path, d)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "amp fp16" in r.stdout and r.stdout.count("done:") == 1
+    (run,) = run_dirs(tmp_path)
+    assert load_checkpoint(os.path.join(run, "checkpoint.th"))["scaler"]["scale"] > 0

@@ -554,8 +554,8 @@ class Trainer:
                     warn(f"budget: the controller is at its limit (budget.max_factor {cfg.budget.max_factor:g} x "
                          f"the configured strengths) and {cfg.budget.metric} is still {rec['budget']['value']:.4g} "
                          f"against {rec['budget']['target']:.4g} scheduled; the logits may move no faster than "
-                         "their learning rate allows (Adam: about lr per step) -- raise the dz/bit lr, train longer "
-                         "or set a later budget.reach_by")
+                         "their learning rate allows (a theta_l2 pull under Adam: about lr per step) -- raise the "
+                         "dz/bit lr, train longer or set a later budget.reach_by")
         except TrainingDiverged as exc:
             if not main:
                 raise
