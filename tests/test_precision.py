@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+import codeq
 from codeq.checkpoint import load_checkpoint
+from codeq.losses import group_lasso_of
 from codeq.train.cli import main
 from codeq.train.config import ConfigError, config_from_dict
 from codeq.train.optim import build_optimizer, build_scheduler
@@ -176,3 +178,25 @@ def test_fp16_under_ddp(tmp_path):
     assert "amp fp16" in r.stdout and r.stdout.count("done:") == 1
     (run,) = run_dirs(tmp_path)
     assert load_checkpoint(os.path.join(run, "checkpoint.th"))["scaler"]["scale"] > 0
+
+
+def test_quantizer_and_group_lasso_take_channels_last_weights_bit_for_bit():
+    """A user's model in channels_last (model.to(memory_format=...)): the ops
+    compute on a contiguous copy of an NHWC weight (benchmarks/results/
+    channels_last_cpu.md has what the copies cost) and give the contiguous
+    results bit for bit: ŵ, the group lasso, and every gradient."""
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(32, 16, 3, 3, generator=g)
+    up = torch.randn(32, 16, 3, 3, generator=g)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        q = codeq.DeadZoneLDZCompander(init_deadzone_logit=0.7, init_bit_logit=0.5)
+        w = w0.clone(memory_format=fmt).requires_grad_()
+        assert w.is_contiguous(memory_format=fmt)
+        w_hat = q(w)
+        gl = group_lasso_of([(w_hat, 0.01)])
+        ((w_hat * up.contiguous(memory_format=fmt)).sum() + gl).backward()
+        outs.append((w_hat.detach(), gl.detach(), w.grad, q.logit_dz.grad, q.logit_bit.grad))
+    assert outs[1][0].equal(outs[0][0]) and outs[1][1].equal(outs[0][1])
+    for a, b in zip(outs[0][2:], outs[1][2:]):
+        assert torch.equal(a, b)
