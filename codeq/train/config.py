@@ -309,8 +309,8 @@ class BudgetConfig:
         for t in targets:
             if self.metric == "rel_bops" and not 0 < t <= 1:
                 raise ConfigError(f"{where}: rel_bops must be in (0, 1], got {t}")
-            if self.metric == "sparsity" and not 0 <= t < 1:
-                raise ConfigError(f"{where}: sparsity must be in [0, 1), got {t}")
+            if self.metric == "sparsity" and not 0 < t < 1:
+                raise ConfigError(f"{where}: sparsity must be in (0, 1), got {t}")
             if self.metric in ("bits", "size_bytes") and not t > 0:
                 raise ConfigError(f"{where}: {self.metric} must be more than 0, got {t}")
         sizes = [1 - t if self.metric == "sparsity" else t for t in targets]
