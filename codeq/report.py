@@ -231,19 +231,19 @@ class CompressionMeter:
                    + the bytes of every other tensor       (the export's theoretical size)
 
     over the Linear and conv layers (and any other quantized weight), in the
-    order of :data:`METRICS`.  ``act_bits`` is the report's b_a (the trainer's
-    report uses 32).  MACs are measured once, by one forward pass of
-    ``example_input``."""
+    order of :data:`METRICS`.  ``layers`` is :func:`layer_macs` of the model
+    (its dense MACs, measured once); ``act_bits`` is the report's b_a (the
+    trainer's report uses 32)."""
 
-    def __init__(self, model: nn.Module, example_input, act_bits: float = 32.0):
-        quantizers = {}
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module, float]], act_bits: float = 32.0):
+        quantizers, packed = {}, set()
         for name, module, q in iter_quantizers(model):
             quantizers.setdefault(id(module), q)
-        macs = {id(m): v for _, m, v in layer_macs(model, example_input)}
+            packed.add(f"{name}.weight" if name else "weight")
+        macs = {id(m): v for _, m, v in layers}
         self.layers = [(m, macs.get(id(m), 0.0), quantizers.get(id(m))) for _, m in model.named_modules()
                        if id(m) in macs or id(m) in quantizers]
         self.act_bits = float(act_bits)
-        packed = {f"{name}.weight" if name else "weight" for name, _, _ in iter_quantizers(model)}
         self.other_bytes = float(sum(v.numel() * v.element_size() for k, v in plain_state_dict(model).items()
                                      if k not in packed))
 

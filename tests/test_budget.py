@@ -16,7 +16,7 @@ import torch
 from codeq.checkpoint import load_checkpoint
 from codeq.export import export_model
 from codeq.models import build_model, example_input
-from codeq.report import METRICS, CompressionMeter, compression_report
+from codeq.report import METRICS, CompressionMeter, compression_report, layer_macs
 from codeq.report import main as report_main
 from codeq.train.budget import BudgetController, Knob
 from codeq.train.cli import main
@@ -200,7 +200,7 @@ def test_meter_is_the_report_and_the_export(tmp_path):
         if hasattr(q, "logit_dz"):
             q.logit_dz.data.uniform_(0.1, 1.5)
             q.logit_bit.data.uniform_(0.1, 2.0)
-    meter = CompressionMeter(model, example_input(32))
+    meter = CompressionMeter(model, layer_macs(model, example_input(32)))
     rel, sparsity, bits, size = meter.values().tolist()
     rep = compression_report(model, example_input(32), act_bits=32)
     assert rel == pytest.approx(rep["totals"]["relative_bops"], rel=1e-12)

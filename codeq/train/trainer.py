@@ -100,16 +100,19 @@ class Trainer:
             gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
             self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
             self.fast_term = gl_index
-        # eval_bobs: the Linear and conv layers with their dense MACs, measured once.
+        # The Linear and conv layers with their dense MACs, measured once (one forward
+        # pass) for eval_bobs and a budget's meter.
+        macs = []
+        if cfg.eval_bobs or cfg.budget is not None:
+            macs = layer_macs(model, example_input(cfg.img_size).to(device))
         self.bops_layers = []
         if cfg.eval_bobs:
             qs = {id(m): q for _, m, q in self.quantized}
-            self.bops_layers = [(name, m, macs, qs.get(id(m)))
-                                for name, m, macs in layer_macs(model, example_input(cfg.img_size).to(device))]
+            self.bops_layers = [(name, m, mac, qs.get(id(m))) for name, m, mac in macs]
         # budget: the regulariser strengths follow a controller (codeq/train/budget.py).
         self.budget, self.meter, self._budget_warned = None, None, False
         if cfg.budget is not None:
-            self.meter = CompressionMeter(model, example_input(cfg.img_size).to(device))
+            self.meter = CompressionMeter(model, macs)
             knobs = [Knob(name, scale, self._writer(name)) for name, scale in cfg.budget_strengths().items()]
             self.budget = BudgetController(cfg.budget, knobs, cfg.epochs, len(train_loader))
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
