@@ -11,7 +11,7 @@ import math
 import os
 import secrets
 
-__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes", "json_safe", "read_jsonl"]
+__all__ = ["temp_path", "atomic_path", "atomic_file", "atomic_write_bytes", "write_json", "json_safe", "read_jsonl"]
 
 
 def temp_path(path: str) -> str:
@@ -50,6 +50,11 @@ def atomic_file(path, mode: str = "wb"):
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON (NaN/Inf as null), written atomically."""
+    atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def json_safe(v):

@@ -32,7 +32,6 @@ budget milestones, their table and ``milestones.png``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq._io import atomic_write_bytes, json_safe, read_jsonl
+from codeq._io import read_jsonl, write_json
 from codeq.checkpoint import load_model
 from codeq.errors import ConfigError
 from codeq.export import plain_state_dict
@@ -401,7 +400,7 @@ def save_report(report: dict, out_dir: str, stem: str = "compression_report") ->
     os.makedirs(out_dir, exist_ok=True)
     jpath = os.path.join(out_dir, f"{stem}.json")
     ppath = os.path.join(out_dir, f"{stem}.png")
-    atomic_write_bytes(jpath, (json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n").encode())
+    write_json(jpath, report)
     save_figure(compression_figure(report), ppath)
     return {"json": jpath, "png": ppath}
 

@@ -173,11 +173,11 @@ class BudgetController:
 
     def summary(self) -> dict:
         """The end of the run: final target, reached value, relative error, milestones."""
-        target = self.targets[-1]
-        err = (self.value - target) / target if target else None
+        target = self.targets[-1]  # above 0 for every metric (BudgetConfig.validate)
+        err = (self.value - target) / target
         saved = {s["target"] for s in self.saved}
         return {"metric": self.metric, "target": target, "reached": self.value, "relative_error": err,
-                "within_tolerance": err is not None and abs(err) <= self.cfg.tolerance,
+                "within_tolerance": abs(err) <= self.cfg.tolerance,
                 "milestones": list(self.saved),
                 "missed_milestones": [t for t in self.cfg.milestones if t not in saved]}
 

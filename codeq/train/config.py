@@ -406,15 +406,18 @@ class Config:
         if self.budget is not None:
             self._validate_budget()
 
+    def _quantizer_arg(self, name: str):
+        """The quantizer's constructor argument ``name`` as this config sets it
+        (its kwargs, else the default; None: no quantizer or no such argument)."""
+        q = self.quantizer
+        return _default_kwarg(QUANTIZER_REGISTRY[q.name], q.kwargs, name) if q is not None else None
+
     def budget_strengths(self) -> dict:
         """{name: configured strength} of the regularisers a budget scales (see
         codeq/train/budget.py), those above 0, for this config's metric."""
         b = self.budget
-        q = self.quantizer
-        cls = QUANTIZER_REGISTRY[q.name]
-        learnable_bit = bool(_default_kwarg(cls, q.kwargs, "learnable_bit"))
-        use_dz = bool(_default_kwarg(cls, q.kwargs, "learnable_deadzone")) and b.metric != "bits"
-        use_bit = learnable_bit and b.metric != "sparsity"
+        use_dz = bool(self._quantizer_arg("learnable_deadzone")) and b.metric != "bits"
+        use_bit = bool(self._quantizer_arg("learnable_bit")) and b.metric != "sparsity"
         groups = self.optimizer.param_groups
         out = {}
         for kind, on in (("dz", use_dz), ("bit", use_bit)):
@@ -432,18 +435,17 @@ class Config:
     def _validate_budget(self) -> None:
         b = self.budget
         q = self.quantizer
-        cls = QUANTIZER_REGISTRY[q.name] if q is not None else None
-        if cls is None or _default_kwarg(cls, q.kwargs, "learnable_deadzone") is None:
+        if self._quantizer_arg("learnable_deadzone") is None:
             raise ConfigError(f"budget needs the deadzone quantizer (its learned dead zone and bit-width are what a "
                               f"budget steers), but the quantizer is {q.name if q else 'null'}")
-        learnable_bit = bool(_default_kwarg(cls, q.kwargs, "learnable_bit"))
-        learnable_dz = bool(_default_kwarg(cls, q.kwargs, "learnable_deadzone"))
+        learnable_bit = bool(self._quantizer_arg("learnable_bit"))
+        learnable_dz = bool(self._quantizer_arg("learnable_deadzone"))
         if b.metric == "bits":
             if not learnable_bit:
                 raise ConfigError("budget.metric bits needs learnable bit-widths (quantizer.kwargs.learnable_bit: "
                                   "true); with fixed bit-widths the mean bit-width cannot move")
-            lo = float(_default_kwarg(cls, q.kwargs, "min_bits"))
-            hi = float(_default_kwarg(cls, q.kwargs, "max_bits"))
+            lo = float(self._quantizer_arg("min_bits"))
+            hi = float(self._quantizer_arg("max_bits"))
             for t in b.milestones or [b.target]:
                 if not lo <= t <= hi:
                     raise ConfigError(f"budget: a bits target must be within the quantizer's min_bits..max_bits "

@@ -6,7 +6,6 @@ checkpoints, resume, training curves and the compression report."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -19,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import codeq
-from codeq._io import atomic_write_bytes, json_safe, read_jsonl
+from codeq._io import read_jsonl, write_json
 from codeq.checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from codeq.errors import TrainingDiverged
 from codeq.export import export_model
@@ -606,8 +605,7 @@ class Trainer:
     def write_budget(self, run_dir: str, console: Console) -> dict:
         """budget.json (target, reached value, error, milestones) and its line in the console."""
         s = self.budget.summary()
-        atomic_write_bytes(os.path.join(run_dir, "budget.json"),
-                           (json.dumps(json_safe(s), indent=2) + "\n").encode())
+        write_json(os.path.join(run_dir, "budget.json"), s)
         err = s["relative_error"]
         verdict = "on target" if s["within_tolerance"] else f"outside the ±{self.cfg.budget.tolerance:.0%} tolerance"
         console.line(f"budget: {s['metric']} target {s['target']:g}, reached {s['reached']:.4g} "
