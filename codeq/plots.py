@@ -94,8 +94,7 @@ def training_curves_figure(records: list[dict], title: str = "") -> Figure:
         (ax_s, "sparsity", [("sparsity_mean", "mean over layers", BLUE), ("sparsity_total", "of all weights", GREEN)],
          (0, 1)),
         (ax_b, "weight bit-width (mean over layers)", [("bits_mean", "bits", ORANGE)], None),
-        (ax_r, "relative BOPs (eval_bobs: pruned output channels)", [("relative_bops", "relative BOPs", BLUE)],
-         None),
+        (ax_r, "relative BOPs (of a dense 32-bit model)", [("relative_bops", "relative BOPs", BLUE)], None),
     ]
     for ax, name, keys, ylim in panels:
         drawn = 0

@@ -18,10 +18,11 @@ Per layer (every nn.Linear / conv layer, plus any other module whose
 disabled quantizer keeps its bit-width and is flagged ``enabled=False``),
 ``b_a`` the activation bit-width (``act_bits``, default 32).
 
-The trainer's per-epoch ``relative_bops`` (``eval_bobs``) is the published
-trainer's ratio instead (:func:`relative_bops`): pruned output channels (whole
-rows of ŵ) rather than single weights, and 8-bit activations and reference
-weights by default.
+The trainer logs this relative BOPs every epoch (``relative_bops``, from
+:class:`CompressionMeter`).  ``eval_bobs`` adds the published trainer's ratio
+under its own name, ``published_bops`` (:func:`relative_bops`): pruned output
+channels (whole rows of ŵ) rather than single weights, and 8-bit activations
+and reference weights by default.
 
 Command line: ``python -m codeq.report CHECKPOINT [--out DIR] [--act-bits 32]``,
 or ``python -m codeq.report RUN_DIR [RUN_DIR ...] [--out CHART.png]`` for a
@@ -445,8 +446,8 @@ def _runs_table(runs: list[dict]) -> str:
 
 def compare_runs(run_dirs: list[str], out: str) -> str:
     """Print a table of the runs and draw them on one accuracy-vs-relative-BOPs
-    chart at ``out``; runs without relative BOPs (``eval_bobs: false``) are
-    listed but not drawn.  Runs with budget milestones also get a table of
+    chart at ``out``; runs without relative BOPs (older runs) are listed but
+    not drawn.  Runs with budget milestones also get a table of
     them and ``milestones.png`` (accuracy at each milestone) beside ``out``."""
     runs = [read_run(d) for d in run_dirs]
     empty = [r["name"] for r in runs if not r["records"]]
@@ -466,11 +467,11 @@ def compare_runs(run_dirs: list[str], out: str) -> str:
     missing = [r["name"] for r in runs if r not in drawn]
     if not drawn:
         if ms_path is not None:  # the milestones are drawn; there is nothing for the BOPs chart
-            print("no accuracy-vs-relative-BOPs chart: the runs were trained with eval_bobs: false")
+            print("no accuracy-vs-relative-BOPs chart: the runs logged no relative_bops")
             return ms_path
-        raise ReportError("none of the runs logged relative_bops (they were trained with eval_bobs: false)")
+        raise ReportError("none of the runs logged relative_bops (runs of codeq before it was logged every epoch)")
     if missing:
-        print(f"not drawn (no relative_bops; trained with eval_bobs: false): {', '.join(missing)}")
+        print(f"not drawn (no relative_bops in their metrics.jsonl): {', '.join(missing)}")
     try:
         path = save_figure(runs_figure(drawn), out)
     except OSError as e:

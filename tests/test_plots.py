@@ -59,7 +59,7 @@ def test_training_curves_panels():
     fig = training_curves_figure(records(), "run-x")
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["accuracy", "sparsity", "weight bit-width (mean over layers)",
-                      "relative BOPs (eval_bobs: pruned output channels)"]
+                      "relative BOPs (of a dense 32-bit model)"]
     acc = fig.axes[0]
     assert [line.get_label() for line in acc.get_lines()] == ["train", "validation"]
     assert list(acc.get_lines()[1].get_ydata()) == pytest.approx([0.12 * e for e in range(1, 6)])
@@ -68,7 +68,7 @@ def test_training_curves_panels():
     fig = training_curves_figure(records(bops=False, quantized=False))
     texts = [t.get_text() for ax in fig.axes[1:] for t in ax.texts]
     assert texts == ["sparsity: not logged", "weight bit-width (mean over layers): not logged",
-                     "relative BOPs (eval_bobs: pruned output channels): not logged"]
+                     "relative BOPs (of a dense 32-bit model): not logged"]
 
 
 def test_runs_figure_one_point_per_run():
@@ -152,7 +152,7 @@ def test_runs_chart_errors_are_one_line(tmp_path, capsys):
     old.mkdir()
     (old / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_acc": 0.5}) + "\n")
     assert report_main([str(old)]) == 2
-    assert "eval_bobs: false" in capsys.readouterr().err
+    assert "none of the runs logged relative_bops" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("every, drawn_after", [(0.0, [1, 2, 3]), (1e9, [1, 3])])

@@ -143,9 +143,22 @@ def test_same_seed_same_numbers(tmp_path):
     assert read_metrics(c)[0]["train_loss"] != ra["train_loss"]
 
 
-def test_resume_equals_uninterrupted(tmp_path, capsys):
-    """2 epochs straight == 1 epoch, stop, --resume for the 2nd (losses exactly equal)."""
+# The paper's ResNet recipe: SGD for the weights and AdamW for the logits (two torch optimizers
+# stepped as one), the theta regulariser and a warmup (a LambdaLR: its checkpoint must load with
+# weights_only) that ends after the first epoch.
+PAPER_RECIPE = dict(
+    warmup_epochs=1, epochs=3, quantizer={"name": "deadzone", "kwargs": {"learnable_bit": True}},
+    optimizer={"type": "sgd", "param_groups": {"base": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                                               "dz": {"type": "adamw", "lr": 0.05},
+                                               "bit": {"type": "adamw", "lr": 0.05}}},
+    loss_terms=[{"name": "theta_l2", "kwargs": {"lambda_dz": 0.01, "lambda_bit": 0.01}}])
+
+
+@pytest.mark.parametrize("recipe", [{}, PAPER_RECIPE], ids=["adamw", "sgd_adamw_warmup"])
+def test_resume_equals_uninterrupted(tmp_path, capsys, recipe):
+    """2 epochs straight == 1 epoch, stop, --resume for the rest (losses exactly equal)."""
     d = tiny(tmp_path, epochs=2, dataset={"name": "synthetic", "train_size": 48, "val_size": 32, "augment": "standard"})
+    d.update(recipe)
     cfg = write(tmp_path, d)
     assert main(["--config", cfg, "--set", f"save_dir={tmp_path / 'straight'}"]) == 0
     assert main(["--config", cfg, "--set", f"save_dir={tmp_path / 'split'}", "--stop-after", "1"]) == 0
@@ -158,16 +171,19 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     assert run_dirs(tmp_path, "split") == [split]  # continued in the same run directory
     (straight,) = run_dirs(tmp_path, "straight")
     a, b = read_metrics(straight), read_metrics(split)
-    assert [r["epoch"] for r in b] == [1, 2]
+    assert [r["epoch"] for r in b] == list(range(1, d["epochs"] + 1))
     for ra, rb in zip(a, b):
         for k in ("train_loss", "train_ce", "train_acc", "val_loss", "val_acc", "lr", "sparsity_mean", "bits_mean"):
             assert ra[k] == rb[k], (k, ra[k], rb[k])
         assert ra["layers"] == rb["layers"] or all(
             ra["layers"][n]["sparsity"] == rb["layers"][n]["sparsity"] for n in ra["layers"])
-    sa = load_checkpoint(os.path.join(straight, "checkpoint.th"))["model"]
-    sb = load_checkpoint(ckpt_path)["model"]
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    ca, cb = load_checkpoint(os.path.join(straight, "checkpoint.th")), load_checkpoint(ckpt_path)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert [g["lr"] for g in ca["optimizer"]["param_groups"]] == [g["lr"] for g in cb["optimizer"]["param_groups"]]
+    for i, st in ca["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, cb["optimizer"]["state"][i][k]), (i, k)
 
 
 def test_resume_incompatible_config_is_exit_2(tmp_path, capsys):

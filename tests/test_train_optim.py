@@ -2,6 +2,7 @@
 state bit for bit like torch's fused optimizer, and steps aside where it must."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -114,3 +115,123 @@ def test_only_adam_classes_change():
     assert lean_class(torch.optim.SGD) is torch.optim.SGD
     cls = lean_class(torch.optim.AdamW)
     assert issubclass(cls, torch.optim.AdamW) and cls is lean_class(torch.optim.AdamW)
+
+
+# ------------------------------------------------------ per-group optimizers --
+def _mixed(ps, sgd_cls=torch.optim.SGD, adam_cls=torch.optim.AdamW):
+    from codeq.train.optim import PerGroupOptimizer
+
+    return PerGroupOptimizer([
+        sgd_cls([{"params": ps[:3], "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "name": "base"}]),
+        adam_cls([{"params": ps[3:5], "lr": 3e-2, "weight_decay": 0.0, "name": "dz"},
+                  {"params": ps[5:], "lr": 5e-3, "weight_decay": 0.0, "name": "bit"}])])
+
+
+def _grads(ps, g):
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_per_group_optimizer_is_its_parts(seed):
+    """SGD for the weights and AdamW for the logits, stepped as one optimizer,
+    equal bit for bit to the two torch optimizers stepped by hand; an LR
+    scheduler and a budget's weight-decay writer reach the parts through the
+    shared group dicts; state_dict / load_state_dict continue exactly."""
+    ps, ref = make_params(seed), make_params(seed)
+    opt = _mixed(ps)
+    ref_sgd = torch.optim.SGD([{"params": ref[:3], "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}])
+    ref_adam = torch.optim.AdamW([{"params": ref[3:5], "lr": 3e-2, "weight_decay": 0.0},
+                                  {"params": ref[5:], "lr": 5e-3, "weight_decay": 0.0}])
+    assert [g["name"] for g in opt.param_groups] == ["base", "dz", "bit"]
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref_sched = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (ref_sgd, ref_adam)]
+    g, h = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for k in range(3):
+        _grads(ps, g)
+        _grads(ref, h)
+        if k == 1:  # a budget writes a strength into one group
+            next(x for x in opt.param_groups if x["name"] == "dz")["weight_decay"] = 0.5
+            ref_adam.param_groups[0]["weight_decay"] = 0.5
+        opt.step()
+        ref_sgd.step()
+        ref_adam.step()
+        sched.step()
+        for s in ref_sched:
+            s.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ref))
+    assert [x["lr"] for x in opt.param_groups] == [0.1 / 8, 3e-2 / 8, 5e-3 / 8]
+    # a copy from the state dict continues exactly like the original
+    ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = _mixed(ps2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.parts[1].param_groups[0] is opt2.param_groups[1] and opt2.parts[0].state is opt2.state
+    for _ in range(2):
+        _grads(ps, g)
+        for p2, p in zip(ps2, ps):
+            p2.grad = p.grad.clone()
+        opt.step()
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
+
+
+def test_per_group_optimizer_from_a_config():
+    """optimizer.param_groups.<g>.type: one torch optimizer per type, extras checked against the group's own
+    optimizer; one type for all groups keeps a plain torch optimizer; cuda_graph needs one optimizer."""
+    from codeq.train.config import ConfigError, config_from_dict
+    from codeq.train.optim import PerGroupOptimizer, build_optimizer, graph_capable
+    from codeq.train.trainer import build_run_model
+
+    d = {"model": "mlp", "model_kwargs": {"hidden": [8]}, "epochs": 2,
+         "quantizer": {"name": "deadzone", "kwargs": {"learnable_bit": True}},
+         "optimizer": {"type": "sgd", "param_groups": {"base": {"lr": 0.1, "momentum": 0.9},
+                                                       "dz": {"type": "adamw", "lr": 0.01, "betas": [0.8, 0.99]},
+                                                       "bit": {"type": "adamw", "lr": 0.02}}}}
+    cfg = config_from_dict(d)
+    opt = build_optimizer(cfg, build_run_model(cfg))
+    assert isinstance(opt, PerGroupOptimizer) and not graph_capable(cfg)
+    assert [type(p).__name__ for p in opt.parts] == ["SGD", "AdamW"]
+    assert [(g["name"], g["lr"]) for g in opt.parts[1].param_groups] == [("dz", 0.01), ("bit", 0.02)]
+    assert opt.param_groups[1]["betas"] == (0.8, 0.99)
+    bad = copy.deepcopy(d)
+    bad["optimizer"]["param_groups"]["dz"]["momentum"] = 0.9  # an SGD key on an AdamW group
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.param_groups.dz.momentum' for optimizer 'adamw'"):
+        config_from_dict(bad)
+    with pytest.raises(ConfigError, match="one optimizer for every parameter group"):
+        config_from_dict({**d, "cuda_graph": True})
+    same = copy.deepcopy(d)
+    same["optimizer"]["param_groups"]["dz"] = {"type": "sgd", "lr": 0.01}
+    same["optimizer"]["param_groups"]["bit"] = {"lr": 0.01}
+    assert isinstance(build_optimizer(config_from_dict(same), build_run_model(config_from_dict(same))),
+                      torch.optim.SGD)
+
+
+@pytest.mark.parametrize("sched", ["cosine", "none"])
+def test_warmup_then_the_schedule(sched):
+    """warmup_epochs N: epoch i of the first N at i/(N+1) of the lr, then the cosine over the rest (or flat);
+    a config error with a scheduler of the registry's own or N >= epochs."""
+    from codeq.registry import SCHEDULER_REGISTRY
+    from codeq.train.config import ConfigError, config_from_dict
+    from codeq.train.optim import build_scheduler
+
+    d = {"model": "mlp", "epochs": 6, "warmup_epochs": 2, "lr_scheduler": sched,
+         "optimizer": {"type": "sgd", "param_groups": {"base": {"lr": 0.3}}}}
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.3)
+    s = build_scheduler(config_from_dict(d), opt)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    cos = [0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    want = [0.1, 0.2] + ([0.3 * c for c in cos] if sched == "cosine" else [0.3] * 4)
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert isinstance(s.state_dict()["lr_lambdas"][0], type(None))  # nothing but builtins in a checkpoint
+    with pytest.raises(ConfigError, match="fewer than epochs"):
+        config_from_dict({**d, "warmup_epochs": 6})
+    SCHEDULER_REGISTRY["step3"] = lambda o, c: torch.optim.lr_scheduler.StepLR(o, 3)
+    try:
+        with pytest.raises(ConfigError, match="warmup_epochs works with lr_scheduler cosine or none"):
+            config_from_dict({**d, "lr_scheduler": "step3"})
+    finally:
+        del SCHEDULER_REGISTRY["step3"]

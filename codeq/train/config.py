@@ -46,7 +46,7 @@ from codeq.registry import (
     QUANTIZER_REGISTRY,
     SCHEDULER_REGISTRY,
 )
-from codeq.train.optim import graph_capable_class
+from codeq.train.optim import WARMUP_SCHEDULERS, graph_capable_class
 
 __all__ = [
     "ConfigError",
@@ -185,6 +185,9 @@ class QuantizerConfig:
 
 @dataclass(kw_only=True)
 class ParamGroupConfig:
+    type: str | None = key(None, "this group's optimizer (OPTIMIZER_REGISTRY); null: optimizer.type (e.g. sgd for "
+                                 "the weights and adamw for the logits)",
+                           choices=(OPTIMIZER_REGISTRY, "optimizer"), resume=True)
     lr: float = key(doc="learning rate", minimum=0)
     weight_decay: float = key(0.0, "weight decay", minimum=0)
     extra: dict = key({}, "any other key goes to the optimizer: momentum, nesterov, betas, eps, fused, ...",
@@ -217,11 +220,17 @@ class OptimizerConfig:
     param_groups: ParamGroups = key(doc="hyper-parameters of the three parameter groups")
 
     def validate(self, path: str) -> None:
-        cls = OPTIMIZER_REGISTRY[self.type]
         for gname in ("base", "dz", "bit"):
             g = getattr(self.param_groups, gname)
             if g is not None:
-                _check_kwargs(f"{path}.param_groups.{gname}", g.extra, cls, f"optimizer '{self.type}'")
+                kind = g.type or self.type
+                _check_kwargs(f"{path}.param_groups.{gname}", g.extra, OPTIMIZER_REGISTRY[kind],
+                              f"optimizer '{kind}'")
+
+    def types(self) -> set[str]:
+        """The optimizers the groups use (more than one: one torch optimizer per type, stepped together)."""
+        groups = [getattr(self.param_groups, n) or self.param_groups.base for n in ("base", "dz", "bit")]
+        return {g.type or self.type for g in groups}
 
 
 @dataclass(kw_only=True)
@@ -365,6 +374,9 @@ class Config:
                                check=_check_run_name)
     lr_scheduler: str = key("cosine", "cosine (T_max = epochs, stepped per epoch) or none (SCHEDULER_REGISTRY)",
                             choices=(SCHEDULER_REGISTRY, "lr_scheduler"), resume=True)
+    warmup_epochs: int = key(0, "linear learning-rate warmup before lr_scheduler (cosine or none): epoch i of the "
+                                "first N at i/(N+1) of every group's lr; the cosine then spans the other epochs",
+                             minimum=0, resume=True)
     wandb_project: str | None = key(None, "log to this Weights & Biases project")
     wandb_mode: str | None = key(None, "online, offline or disabled (env WANDB_MODE wins; default online)",
                                  choices=(WANDB_MODES, "wandb_mode"))
@@ -374,8 +386,9 @@ class Config:
     sync_bn: bool = key(False, "BatchNorm -> SyncBatchNorm under DDP (CUDA only)")
     dist_timeout_min: float = key(30.0, "minutes a process waits in a collective before failing",
                                   check=_check_minutes)
-    eval_bobs: bool = key(True, "log relative BOPs every epoch, overall and per layer (the published trainer's "
-                                "definition, docs/TRAINING.md#relative-bops-per-epoch)")
+    eval_bobs: bool = key(True, "also log the published trainer's BOPs ratio every epoch, overall and per layer, "
+                                "as published_bops (whole pruned output channels; docs/TRAINING.md#relative-bops-"
+                                "per-epoch); the paper's relative_bops is logged in every run")
     default_weight_bitrate: int = key(8, "BOPs: the bits of a weight without a quantizer, and of the reference model's "
                                          "weights", minimum=1)
     default_activation_bitrate: int = key(8, "BOPs: the bits of every activation (here and in the reference model)",
@@ -394,6 +407,9 @@ class Config:
             if self.use_compile:
                 raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its "
                                   "own way); set one of them to false")
+            if len(self.optimizer.types()) > 1:
+                raise ConfigError(f"cuda_graph works with one optimizer for every parameter group, but the groups use "
+                                  f"{', '.join(sorted(self.optimizer.types()))}; set cuda_graph: auto or false")
             if not graph_capable_class(OPTIMIZER_REGISTRY[self.optimizer.type]):
                 raise ConfigError(f"cuda_graph works with torch's Adam, AdamW and SGD (their fused, capturable CUDA "
                                   f"steps), not '{self.optimizer.type}'; set cuda_graph: auto or false")
@@ -403,6 +419,13 @@ class Config:
             if self.budget is not None:
                 raise ConfigError("cuda_graph keeps the regulariser strengths it was captured with, and a budget "
                                   "changes them during the run; set cuda_graph: auto (off under a budget) or false")
+        if self.warmup_epochs:
+            if self.lr_scheduler not in WARMUP_SCHEDULERS:
+                raise ConfigError(f"warmup_epochs works with lr_scheduler {' or '.join(WARMUP_SCHEDULERS)}, not "
+                                  f"'{self.lr_scheduler}'; set warmup_epochs: 0 (a scheduler of your own can warm up "
+                                  "itself)")
+            if self.warmup_epochs >= self.epochs:
+                raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
         if self.budget is not None:
             self._validate_budget()
 

@@ -18,20 +18,48 @@ takes torch's own ``step()``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from codeq.errors import ConfigError
 from codeq.registry import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
 
-__all__ = ["LeanFusedStep", "lean_class", "split_param_groups", "build_optimizer", "build_scheduler", "graph_capable",
-           "graph_capable_class"]
+__all__ = ["warmup_then", "WARMUP_SCHEDULERS", "LeanFusedStep", "lean_class", "PerGroupOptimizer", "split_param_groups", "build_optimizer",
+           "build_scheduler", "graph_capable", "graph_capable_class"]
+
+def warmup_then(cfg):
+    """The learning-rate factor of epoch ``e`` (epochs done) with ``cfg.warmup_epochs``
+    = W > 0: (e + 1) / (W + 1) for the first W epochs, then 1 (``none``) or a
+    cosine from 1 to 0 over the remaining epochs (``cosine``).  ``cfg.epochs`` is
+    read at each call, so a resume that raises the epochs stretches the cosine.
+    A plain function: LambdaLR leaves it out of its state dict (a checkpoint holds
+    tensors and builtins only)."""
+
+    def factor(e: int) -> float:
+        w = cfg.warmup_epochs
+        if e < w:
+            return (e + 1) / (w + 1)
+        if cfg.lr_scheduler == "none":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (e - w) / max(cfg.epochs - w, 1)))
+
+    return factor
+
+
+def _cosine(opt, cfg):
+    if cfg.warmup_epochs:
+        return torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(cfg))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+
 
 OPTIMIZER_REGISTRY.update(adamw=torch.optim.AdamW, adam=torch.optim.Adam, sgd=torch.optim.SGD)
 SCHEDULER_REGISTRY.update(
-    cosine=lambda opt, cfg: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
-    none=lambda opt, cfg: None,
+    cosine=_cosine,
+    none=lambda opt, cfg: torch.optim.lr_scheduler.LambdaLR(opt, warmup_then(cfg)) if cfg.warmup_epochs else None,
 )
+WARMUP_SCHEDULERS = ("cosine", "none")  # the schedules warmup_epochs can precede
 
 
 class LeanFusedStep:
@@ -116,28 +144,78 @@ def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramet
     return groups
 
 
+class PerGroupOptimizer(torch.optim.Optimizer):
+    """Torch optimizers of different kinds stepped as one: e.g. SGD for the
+    weights and AdamW for the dead-zone and bit logits (the paper's ResNet
+    recipe).  ``parts`` is a list of torch optimizers over disjoint parameters.
+
+    It is a plain ``torch.optim.Optimizer`` to everything around it: its
+    ``param_groups`` are the parts' group dicts themselves (an LR scheduler or
+    a budget writes into the groups the parts read), its ``state`` is the one
+    mapping the parts update, so ``state_dict`` / ``load_state_dict`` are
+    torch's; after a load the parts are pointed at the new groups and state.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = list(parts)
+        super().__init__([g for part in self.parts for g in part.param_groups], defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        """Each part reads this optimizer's group dicts (its own, in order) and state."""
+        groups = iter(self.param_groups)
+        for part in self.parts:
+            part.param_groups = [next(groups) for _ in part.param_groups]
+            part.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # new group dicts and a new state mapping
+        self._share()
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+
+def _group_class(cfg, name: str):
+    """The optimizer class of parameter group ``name`` (its ``type``, else optimizer.type)."""
+    gcfg = getattr(cfg.optimizer.param_groups, name) or cfg.optimizer.param_groups.base
+    return OPTIMIZER_REGISTRY[gcfg.type or cfg.optimizer.type]
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer with up to three param groups named base / dz / bit (in
     that order, empty ones left out).  dz and bit take base's hyper-parameters
-    when the YAML has no group of their own."""
-    cls = OPTIMIZER_REGISTRY[cfg.optimizer.type]
+    when the YAML has no group of their own.  Groups of different ``type`` get
+    one torch optimizer per type, stepped together (:class:`PerGroupOptimizer`)."""
     split = split_param_groups(model)
-    groups = []
+    by_class: dict = {}  # optimizer class -> its groups, in base / dz / bit order
     for name in ("base", "dz", "bit"):
         if not split[name]:
             continue
         gcfg = getattr(cfg.optimizer.param_groups, name) or cfg.optimizer.param_groups.base
-        groups.append({"params": [p for _, p in split[name]], "name": name, **gcfg.hparams()})
-    if not groups:
+        group = {"params": [p for _, p in split[name]], "name": name, **gcfg.hparams()}
+        by_class.setdefault(_group_class(cfg, name), []).append(group)
+    if not by_class:
         raise ConfigError(f"model '{cfg.model}' has no trainable parameters")
+    parts = [_build_one(cfg, cls, groups) for cls, groups in by_class.items()]
+    return parts[0] if len(parts) == 1 else PerGroupOptimizer(parts)
+
+
+def _build_one(cfg, cls, groups: list[dict]) -> torch.optim.Optimizer:
     extra = {}
     on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
     if cfg.cuda_graph is True or (cfg.cuda_graph == "auto" and on_cuda and graph_capable(cfg)):
         # One CUDA graph replays the whole step (codeq/train/graph.py): the fused
         # step kernels, with Adam's step counters on the device (capturable).
         if not graph_capable_class(cls):
-            raise ConfigError(f"cuda_graph needs a torch Adam, AdamW or SGD optimizer; "
-                              f"'{cfg.optimizer.type}' is {cls!r}; set cuda_graph: auto or false")
+            raise ConfigError(f"cuda_graph needs a torch Adam, AdamW or SGD optimizer, not {cls!r}; "
+                              "set cuda_graph: auto or false")
         if not any(k in g for g in groups for k in ("fused", "foreach")):
             extra["fused"] = True
         if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
@@ -150,7 +228,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     try:
         return cls(groups, **extra)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build optimizer '{cfg.optimizer.type}': {exc}") from None
+        raise ConfigError(f"cannot build optimizer {cls.__name__}: {exc}") from None
 
 
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
@@ -162,10 +240,12 @@ def graph_capable_class(cls) -> bool:
 
 
 def graph_capable(cfg) -> bool:
-    """Whether this config's optimizer and mode allow ``cuda_graph`` (not under
-    ``use_compile``, a budget -- it changes the strengths a graph would hold --
-    or fp16's gradient scaler, which reads the gradients on the host)."""
+    """Whether this config's optimizer and mode allow ``cuda_graph``: one torch
+    Adam, AdamW or SGD for every group (not a :class:`PerGroupOptimizer`), not
+    under ``use_compile``, a budget -- it changes the strengths a graph would
+    hold -- or fp16's gradient scaler, which reads the gradients on the host."""
     return (not cfg.use_compile and cfg.budget is None and cfg.amp != "fp16"
+            and len(cfg.optimizer.types()) == 1
             and graph_capable_class(OPTIMIZER_REGISTRY.get(cfg.optimizer.type)))
 
 

@@ -100,18 +100,17 @@ class Trainer:
             self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
             self.fast_term = gl_index
         # The Linear and conv layers with their dense MACs, measured once (one forward
-        # pass) for eval_bobs and a budget's meter.
-        macs = []
-        if cfg.eval_bobs or cfg.budget is not None:
-            macs = layer_macs(model, example_input(cfg.img_size).to(device))
+        # pass): the paper's relative BOPs of every epoch (the meter, which a budget
+        # also reads) and eval_bobs' published-trainer figure.
+        macs = layer_macs(model, example_input(cfg.img_size).to(device))
+        self.meter = CompressionMeter(model, macs)
         self.bops_layers = []
         if cfg.eval_bobs:
             qs = {id(m): q for _, m, q in self.quantized}
             self.bops_layers = [(name, m, mac, qs.get(id(m))) for name, m, mac in macs]
         # budget: the regulariser strengths follow a controller (codeq/train/budget.py).
-        self.budget, self.meter, self._budget_warned = None, None, False
+        self.budget, self._budget_warned = None, False
         if cfg.budget is not None:
-            self.meter = CompressionMeter(model, macs)
             knobs = [Knob(name, scale, self._writer(name)) for name, scale in cfg.budget_strengths().items()]
             self.budget = BudgetController(cfg.budget, knobs, cfg.epochs, len(train_loader))
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
@@ -395,17 +394,20 @@ class Trainer:
         return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=self.device)
 
     def epoch_record(self, epoch: int, train: torch.Tensor, val: torch.Tensor, lrs: dict, seconds: float) -> dict:
-        with parametrize.cached():  # each quantizer once for both
+        with parametrize.cached():  # each quantizer once for all three
             qs = self.quant_stats_tensor()
             bops = self.bops_tensor()
+            meter = self.meter.values()
         # The one device sync of the epoch.
-        flat = torch.cat([train, val, qs.reshape(-1), bops.reshape(-1)]).cpu().tolist()
+        flat = torch.cat([train, val, meter, qs.reshape(-1), bops.reshape(-1)]).cpu().tolist()
         b_flat = flat[len(flat) - 2 * len(self.bops_layers):]
         t_loss, t_ce, t_correct, t_n = flat[0:4]
         k = len(train) - 4
         terms = flat[4:4 + k]
         v_ce, v_correct, v_n = flat[4 + k:7 + k]
-        rows = [flat[7 + k + 5 * i: 12 + k + 5 * i] for i in range(len(self.quantized))]
+        compression = dict(zip(METRICS, flat[7 + k:7 + k + len(METRICS)]))
+        first_row = 7 + k + len(METRICS)
+        rows = [flat[first_row + 5 * i: first_row + 5 * i + 5] for i in range(len(self.quantized))]
         rec = {
             "epoch": epoch + 1,
             "train_loss": t_loss / max(t_n, 1),
@@ -417,14 +419,16 @@ class Trainer:
             "lr": lrs.get("base", next(iter(lrs.values()))),
             "lrs": lrs,
             "epoch_time": seconds,
+            # the paper's relative BOPs (Eqs. 20-22), as the compression report counts them
+            "relative_bops": compression["rel_bops"],
         }
         if self.bops_layers:
             b = relative_bops([{"name": name, "macs": macs, "row_sparsity": b_flat[2 * i],
                                 "bits": b_flat[2 * i + 1] if b_flat[2 * i + 1] == b_flat[2 * i + 1] else None}
                                for i, (name, _, macs, _) in enumerate(self.bops_layers)],
                               self.cfg.default_weight_bitrate, self.cfg.default_activation_bitrate)
-            rec["relative_bops"] = b["relative"]
-            rec["bops_layers"] = b["layers"]
+            rec["published_bops"] = b["relative"]
+            rec["published_bops_layers"] = b["layers"]
         if self.budget is not None:
             rec["budget"] = self.budget.record()
         if rows:
@@ -658,7 +662,7 @@ def _summary_line(rec: dict, epochs: int) -> str:
     if rec.get("bits_mean") is not None:
         s += f" bits {rec['bits_mean']:.2f}"
     if rec.get("relative_bops") is not None:
-        s += f" rel_bops {rec['relative_bops']:.4f}"
+        s += f" relative BOPs {rec['relative_bops']:.4g}"
     b = rec.get("budget")
     if b is not None:
         s += f" | budget {b['metric']} {b['value']:.4g} (target {b['target']:.4g}, u {b['u']:.3g})"
