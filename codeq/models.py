@@ -1,7 +1,8 @@
 """The models of the registry (CIFAR ResNet-20, an MLP, timm's ViT-Tiny and
-TinyViT-5M, torchvision's ResNet-18/50), and :func:`build_model`, which builds
-one by name with quantizers attached: what the trainer, ``codeq.report`` and
-``codeq.export`` build a model with.
+TinyViT-5M, torchvision's ResNet-18/50), any timm or torchvision classifier by
+name (``timm/<arch>``, ``torchvision/<arch>``; :func:`resolve_model`), and
+:func:`build_model`, which builds one by name with quantizers attached: what
+the trainer, ``codeq.report`` and ``codeq.export`` build a model with.
 
 Adding a model is one decorator::
 
@@ -10,10 +11,19 @@ Adding a model is one decorator::
 
 ``num_classes`` is the default of the function's own ``num_classes`` argument
 (1000 for the ImageNet models, 10 otherwise); ``img_size`` is the config's.
+
+A model by name needs no registration: ``timm/resnet10t`` is
+``timm.create_model("resnet10t", pretrained=False, ...)`` and
+``torchvision/mobilenet_v3_small`` is
+``torchvision.models.get_model("mobilenet_v3_small", weights=None, ...)``
+(never a download), built with ``model_kwargs`` (its ``num_classes`` included:
+the trainer's config sets it from the data set) and, given
+``model_kwargs.pretrained_path``, a local state dict loaded into it.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections import OrderedDict
@@ -26,7 +36,8 @@ from codeq.errors import ConfigError
 from codeq.parametrize import attach_weight_quantizers
 from codeq.registry import MODEL_REGISTRY, register_model
 
-__all__ = ["ResNet20", "MLP", "build_model", "example_input", "load_pretrained", "model_num_classes"]
+__all__ = ["ResNet20", "MLP", "MODEL_SOURCES", "build_model", "example_input", "load_pretrained", "model_num_classes",
+           "check_model_kwargs", "model_source", "resolve_model"]
 
 
 class _ShortcutA(nn.Module):
@@ -208,9 +219,149 @@ def resnet50(num_classes: int = 1000, img_size: int = 224, pretrained_path: str 
     return _torchvision_resnet("resnet50", num_classes, pretrained_path)
 
 
-def model_num_classes(fn) -> int:
-    """The number of classes a registered model is built with: the default of
-    its ``num_classes`` argument (1000 for the ImageNet models), else 10."""
+# ------------------------------------------------------- models by name --
+MODEL_SOURCES = ("timm", "torchvision")  # the prefixes of a model by name: timm/<arch>, torchvision/<arch>
+
+# model_kwargs that would download weights: codeq builds every model from a random init (or a local file)
+_DOWNLOAD_KWARGS = {"timm": ("pretrained",), "torchvision": ("weights",)}
+
+
+def _did_you_mean(word: str, names) -> str:
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _timm_builder(arch: str):
+    def build(num_classes: int = 10, img_size: int = 224, pretrained_path: str | None = None, **kwargs) -> nn.Module:
+        import timm
+
+        # img_size only where the model takes it (the ViTs do; ResNets, ConvNeXts, TinyViT ... do not)
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+        except TypeError as exc:
+            if "img_size" not in str(exc):
+                raise
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        if pretrained_path is not None:
+            load_pretrained(model, pretrained_path, f"timm {arch} with {num_classes} classes")
+        return model
+
+    return build
+
+
+def _torchvision_builder(arch: str):
+    def build(num_classes: int = 10, img_size: int = 224, pretrained_path: str | None = None, **kwargs) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        if pretrained_path is not None:
+            load_pretrained(model, pretrained_path, f"torchvision {arch} with {num_classes} classes")
+        return model
+
+    return build
+
+
+def _timm_archs() -> tuple:
+    """(is_model(arch), names()) of timm's models."""
+    import timm
+
+    return timm.is_model, timm.list_models
+
+
+def _torchvision_archs() -> tuple:
+    """(is_model(arch), names()) of torchvision's image classifiers."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    return names.__contains__, lambda: names
+
+
+def _is_torchvision_model(arch: str) -> bool:
+    """Any torchvision model (detection, segmentation, video, ... included)."""
+    import torchvision
+
+    return arch in torchvision.models.list_models()
+
+
+def resolve_model(name: str):
+    """The builder ``fn(num_classes=..., img_size=..., **model_kwargs) -> nn.Module``
+    of the model ``name``: a registered name gives its MODEL_REGISTRY function;
+    ``timm/<arch>`` and ``torchvision/<arch>`` a builder of that timm model
+    (``timm.create_model(arch, pretrained=False, ...)``, with ``img_size``
+    where the model takes it) or torchvision image classifier
+    (``torchvision.models.get_model(arch, weights=None, ...)``) that loads
+    ``pretrained_path`` (a local state dict) when given; never a download.
+    Such a builder has the attributes ``source`` ("timm" or "torchvision") and
+    ``arch``.  ConfigError (one line) for an unknown name."""
+    fn = MODEL_REGISTRY.get(name) if isinstance(name, str) else None
+    if fn is not None:
+        return fn
+    prefix, slash, arch = str(name).partition("/")
+    if not slash:
+        raise ConfigError(f"unknown model '{name}'{_did_you_mean(str(name), MODEL_REGISTRY)} (choose one of: "
+                          f"{', '.join(sorted(MODEL_REGISTRY))}; or timm/<name>, torchvision/<name> for any timm "
+                          "model or torchvision classifier)")
+    if prefix not in MODEL_SOURCES:
+        raise ConfigError(f"unknown model '{name}': '{prefix}/' is not a model source{_did_you_mean(prefix, MODEL_SOURCES)} "
+                          "(timm/<name> or torchvision/<name>, or a registered name: "
+                          f"{', '.join(sorted(MODEL_REGISTRY))})")
+    if not arch:
+        raise ConfigError(f"model '{name}' names no architecture: write {prefix}/<name>, e.g. "
+                          f"{'timm/resnet10t' if prefix == 'timm' else 'torchvision/mobilenet_v3_small'}")
+    if prefix == "timm":
+        known, names = _timm_archs()
+        listing = "timm.list_models() lists them"
+    else:
+        known, names = _torchvision_archs()
+        listing = "torchvision.models.list_models(torchvision.models) lists the classifiers"
+    if not known(arch):
+        if prefix == "torchvision" and _is_torchvision_model(arch):
+            raise ConfigError(f"torchvision model '{arch}' is not an image classifier (codeq trains classifiers; "
+                              f"{listing}){_did_you_mean(arch, names())}")
+        raise ConfigError(f"unknown {prefix} model '{arch}' ({listing}){_did_you_mean(arch, names())}")
+    build = _timm_builder(arch) if prefix == "timm" else _torchvision_builder(arch)
+    build.source, build.arch = prefix, arch
+    build.__name__ = build.__qualname__ = f"{prefix}/{arch}"
+    return build
+
+
+def model_source(fn) -> str | None:
+    """"timm" or "torchvision" for a builder of a model by name (:func:`resolve_model`), else None."""
+    return getattr(fn, "source", None)
+
+
+def check_model_kwargs(fn, name: str, model_kwargs: dict) -> None:
+    """ConfigError (one line) for ``model_kwargs`` a model by name cannot take:
+    keys that are not strings, ``img_size`` (the config's), a ``num_classes``
+    that is not a positive integer, and what would download weights (timm's
+    ``pretrained``, torchvision's ``weights``).  Its other keys go to timm or
+    torchvision unchecked.  Nothing to check for a registered model (the
+    trainer's config checks those against the function's arguments)."""
+    source = model_source(fn)
+    if source is None:
+        return
+    if not isinstance(model_kwargs, dict):
+        raise ConfigError(f"model_kwargs of model '{name}' must be a mapping, got {type(model_kwargs).__name__}")
+    for k, v in model_kwargs.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"model_kwargs of model '{name}': key {k!r} is not a name")
+        if k == "img_size":
+            raise ConfigError("'model_kwargs.img_size' cannot be set there: the trainer passes img_size itself "
+                              "(set the config's img_size)")
+        if k in _DOWNLOAD_KWARGS[source]:
+            raise ConfigError(f"model_kwargs.{k} cannot be set for model '{name}': codeq never downloads weights; "
+                              "give a local state dict file as model_kwargs.pretrained_path instead")
+        if k == "num_classes" and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"model_kwargs.num_classes must be a positive integer, got {v!r}")
+
+
+def model_num_classes(fn, model_kwargs: dict | None = None) -> int:
+    """The number of classes a model is built with.  A registered model: the
+    default of its ``num_classes`` argument (1000 for the ImageNet models),
+    else 10.  A model by name: ``model_kwargs["num_classes"]`` (the trainer's
+    config sets it from the data set), else 10."""
+    if model_source(fn) is not None and (model_kwargs or {}).get("num_classes") is not None:
+        return model_kwargs["num_classes"]
     try:
         default = inspect.signature(fn).parameters["num_classes"].default
     except (KeyError, TypeError, ValueError):
@@ -219,19 +370,28 @@ def model_num_classes(fn) -> int:
 
 
 def build_model(name: str, img_size: int = 32, model_kwargs: dict | None = None, quantizer: dict | None = None) -> nn.Module:
-    """The registered model ``name`` on the CPU, built for ``img_size`` inputs
-    with ``model_kwargs``, and quantizers attached per ``quantizer`` (a mapping
-    with ``name``, ``kwargs`` and ``exclude_layers``, as the config's
-    ``quantizer`` section; none when it is None).  ConfigError when it cannot
-    be built.  Seed before calling for a reproducible initialisation."""
-    fn = MODEL_REGISTRY.get(name)
-    if fn is None:
-        raise ConfigError(f"unknown model {name!r} (choose one of: {', '.join(sorted(MODEL_REGISTRY))})")
+    """The model ``name`` (a registered name, ``timm/<arch>`` or
+    ``torchvision/<arch>``: :func:`resolve_model`) on the CPU, built for
+    ``img_size`` inputs with ``model_kwargs``, and quantizers attached per
+    ``quantizer`` (a mapping with ``name``, ``kwargs`` and ``exclude_layers``,
+    as the config's ``quantizer`` section; none when it is None).  A
+    registered model gets the default of its ``num_classes`` argument; a model
+    by name ``model_kwargs["num_classes"]`` (10 without it).  ConfigError when
+    it cannot be built.  Seed before calling for a reproducible
+    initialisation."""
+    fn = resolve_model(name)
     model_kwargs = dict(model_kwargs or {})
+    source = model_source(fn)
+    if source is not None:
+        check_model_kwargs(fn, name, model_kwargs)
     try:
-        model = fn(num_classes=model_num_classes(fn), img_size=img_size, **model_kwargs)
+        if source is None:
+            model = fn(num_classes=model_num_classes(fn), img_size=img_size, **model_kwargs)
+        else:
+            model = fn(img_size=img_size, **model_kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-        raise ConfigError(f"cannot build model '{name}' with model_kwargs {model_kwargs}: {exc}") from None
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"cannot build model '{name}' with model_kwargs {model_kwargs}: {first}") from None
     if quantizer is not None:
         kwargs = dict(quantizer.get("kwargs") or {})
         try:

@@ -35,7 +35,7 @@ QUANTIZER_REGISTRY: dict[str, Callable] = {}
 LOSS_REGISTRY: dict[str, Callable] = {}
 # name -> fn(num_classes=..., img_size=..., **model_kwargs) -> nn.Module
 MODEL_REGISTRY: dict[str, Callable] = {}
-# name -> fn(cfg) -> (train_dataset, val_dataset)
+# name -> fn(cfg) -> (train_dataset, val_dataset); fn.default_augment, fn.num_classes (int or None)
 DATASET_REGISTRY: dict[str, Callable] = {}
 # name -> torch.optim.Optimizer class
 OPTIMIZER_REGISTRY: dict[str, type] = {}
@@ -66,12 +66,17 @@ def register_model(name: str):
     return _register(MODEL_REGISTRY, name)
 
 
-def register_dataset(name: str, augment: str = "standard"):
+def register_dataset(name: str, augment: str = "standard", num_classes: int | None = None):
     """Function decorator: ``fn(cfg) -> (train_dataset, val_dataset)``.
     ``augment``: the data set's training recipe when the config leaves
-    ``dataset.augment`` unset (kept as ``fn.default_augment``)."""
+    ``dataset.augment`` unset (kept as ``fn.default_augment``).
+    ``num_classes``: its number of classes (kept as ``fn.num_classes``), the
+    default ``model_kwargs.num_classes`` of a ``timm/`` or ``torchvision/``
+    model; None: it depends on the data (such a model then needs
+    ``model_kwargs.num_classes``)."""
     def deco(fn):
         fn.default_augment = augment
+        fn.num_classes = num_classes
         return _register(DATASET_REGISTRY, name)(fn)
 
     return deco

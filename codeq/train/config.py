@@ -37,11 +37,11 @@ from typing import Any, Literal, Union
 import yaml
 
 from codeq.errors import ConfigError
+from codeq.models import check_model_kwargs, model_source, resolve_model
 from codeq.report import METRICS as BUDGET_METRICS
 from codeq.registry import (
     DATASET_REGISTRY,
     LOSS_REGISTRY,
-    MODEL_REGISTRY,
     OPTIMIZER_REGISTRY,
     QUANTIZER_REGISTRY,
     SCHEDULER_REGISTRY,
@@ -121,6 +121,11 @@ def _typename(v: Any) -> str:
 def _check_device(path: str, dev: str) -> None:
     if dev not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", dev):
         raise ConfigError(f"unknown device '{dev}' ({path}); choose one of: {', '.join(DEVICE_CHOICES)}")
+
+
+def _check_model(path: str, name: str) -> None:
+    """A registered model, or timm/NAME or torchvision/NAME (codeq.models.resolve_model)."""
+    resolve_model(name)
 
 
 def _check_run_name(path: str, v: str | None) -> None:
@@ -344,8 +349,12 @@ def _default_kwarg(cls, kwargs: dict, name: str):
 
 @dataclass(kw_only=True)
 class Config:
-    model: str = key(doc="the model (MODEL_REGISTRY)", choices=(MODEL_REGISTRY, "model"), resume=True)
-    model_kwargs: dict = key({}, "extra constructor arguments of the model", resume=True)
+    model: str = key(doc="the model: a MODEL_REGISTRY name, or timm/NAME or torchvision/NAME for any timm model or "
+                         "torchvision classifier (random init, never downloaded; docs/TRAINING.md#models)",
+                     check=_check_model, resume=True)
+    model_kwargs: dict = key({}, "extra constructor arguments of the model; for timm/NAME and torchvision/NAME "
+                                 "also num_classes (default: the data set's number of classes) and "
+                                 "pretrained_path (a local weights file)", resume=True)
     epochs: int = key(doc="training epochs", minimum=1)
     batch_size: int = key(128, "per process (global batch = batch_size x processes); also for validation",
                           minimum=1)
@@ -401,8 +410,12 @@ class Config:
                                             "(docs/TRAINING.md#training-to-a-budget)", resume=True)
 
     def validate(self, path: str = "") -> None:
-        _check_kwargs("model_kwargs", self.model_kwargs, MODEL_REGISTRY[self.model], f"model '{self.model}'",
-                      reserved=("num_classes", "img_size"))
+        fn = resolve_model(self.model)
+        if model_source(fn) is None:
+            _check_kwargs("model_kwargs", self.model_kwargs, fn, f"model '{self.model}'",
+                          reserved=("num_classes", "img_size"))
+        else:
+            self._validate_model_by_name(fn)
         if self.cuda_graph is True:  # "auto" turns itself off where graphs cannot run
             if self.use_compile:
                 raise ConfigError("cuda_graph and use_compile cannot be combined (torch.compile captures graphs its "
@@ -428,6 +441,22 @@ class Config:
                 raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})")
         if self.budget is not None:
             self._validate_budget()
+
+    def _validate_model_by_name(self, fn) -> None:
+        """timm/<name>, torchvision/<name>: model_kwargs go to timm / torchvision (unchecked, bar
+        check_model_kwargs); num_classes defaults to the data set's (written into model_kwargs, so the
+        saved config, checkpoints and exports rebuild the same model)."""
+        check_model_kwargs(fn, self.model, self.model_kwargs)
+        n_data = getattr(DATASET_REGISTRY[self.dataset.name], "num_classes", None)
+        n = self.model_kwargs.get("num_classes")
+        if n is None:
+            if n_data is None:
+                raise ConfigError(f"model '{self.model}' needs model_kwargs.num_classes: the number of classes of "
+                                  f"dataset '{self.dataset.name}' depends on its data (e.g. its class folders)")
+            self.model_kwargs["num_classes"] = n_data
+        elif n_data is not None and n < n_data:
+            raise ConfigError(f"model_kwargs.num_classes is {n} but dataset '{self.dataset.name}' has {n_data} "
+                              "classes; leave it unset for the data set's number")
 
     def _quantizer_arg(self, name: str):
         """The quantizer's constructor argument ``name`` as this config sets it

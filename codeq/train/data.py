@@ -17,8 +17,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from codeq.errors import ConfigError
-from codeq.models import model_num_classes
-from codeq.registry import DATASET_REGISTRY, MODEL_REGISTRY, register_dataset
+from codeq.models import model_num_classes, resolve_model
+from codeq.registry import DATASET_REGISTRY, register_dataset
 from codeq.train.device_data import DeviceLoader
 from codeq.train.sampling import EpochDistributedSampler, ShardSampler, epoch_seed
 
@@ -139,7 +139,7 @@ def _subset(ds, n):
 
 
 # The published trainer's CIFAR-10 recipe: crop + flip + RandAugment(2, 9).
-@register_dataset("cifar10", augment="randaugment")
+@register_dataset("cifar10", augment="randaugment", num_classes=10)
 def build_cifar10(cfg):
     """CIFAR-10 from ``dataset.root``: the binary layout when
     ``root/cifar-10-batches-bin`` exists, else torchvision's
@@ -167,7 +167,7 @@ def build_cifar10(cfg):
     return _subset(train, d.train_size), _subset(val, d.val_size)
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", num_classes=10)
 def build_synthetic(cfg):
     d = cfg.dataset
     n_train = d.train_size if d.train_size is not None else 1000
@@ -241,7 +241,10 @@ def build_imagefolder(cfg):
             f"{train_dir} and {val_dir} must have the same class folders "
             f"({len(train.classes)} vs {len(val.classes)}; only in train: {only_t}, only in val: {only_v})"
         )
-    n_out = model_num_classes(MODEL_REGISTRY[cfg.model]) if cfg.model in MODEL_REGISTRY else None
+    try:
+        n_out = model_num_classes(resolve_model(cfg.model), cfg.model_kwargs)
+    except ConfigError:
+        n_out = None
     if n_out is not None and len(train.classes) > n_out:
         raise ConfigError(
             f"{train_dir} has {len(train.classes)} class folders but model '{cfg.model}' has {n_out} outputs"
