@@ -20,7 +20,7 @@ $(PY):
 
 venv: $(PY)
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q timm pyyaml tqdm matplotlib wandb pytest ninja pybind11
+	$(PIP) install -q timm pyyaml tqdm matplotlib wandb pytest ninja pybind11 onnx onnxscript onnxruntime
 
 # The user's install: builds codeq._C (CUDA when torch has CUDA and nvcc is found).
 install: venv

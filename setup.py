@@ -131,7 +131,7 @@ setup(
     packages=find_packages(include=["codeq", "codeq.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "timm", "pyyaml", "tqdm", "matplotlib"],
-    extras_require={"wandb": ["wandb"], "test": ["pytest"]},
+    extras_require={"wandb": ["wandb"], "test": ["pytest"], "onnx": ["onnx>=1.16", "onnxscript", "onnxruntime>=1.20"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["codeq-train=codeq.train.cli:main", "codeq-report=codeq.report:main"]},

@@ -3,7 +3,7 @@ traceback): a user mistake (exit code 2) and a diverged run (exit code 3)."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "TrainingDiverged", "DIVERGED_EXIT_CODE"]
+__all__ = ["ConfigError", "TrainingDiverged", "ExportError", "DIVERGED_EXIT_CODE"]
 
 # run_training.py's exit code when training stops on a non-finite loss.
 DIVERGED_EXIT_CODE = 3
@@ -15,6 +15,12 @@ class ConfigError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class ExportError(RuntimeError):
+    """An export could not be written or read: missing, corrupt or truncated
+    files, a SHA-256 mismatch, an unknown format, a weight not stored as
+    integers.  The message is one line."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -40,8 +40,10 @@ a pruned weight is +0.0 after loading (ŵ may hold -0.0 there when delta < 0),
 which changes no product or sum except the sign of an all-zero result.
 
 Command line: ``python -m codeq.export CHECKPOINT OUT`` (export, then read
-back and compare), ``python -m codeq.export --check OUT`` (verify an export).
-Errors are one line ``error: ...`` on stderr with exit status 2.
+back and compare), ``python -m codeq.export --check OUT`` (verify an export);
+``--format onnx`` writes and checks an ONNX file with integer weights instead
+(:mod:`codeq.onnx_export`).  Errors are one line ``error: ...`` on stderr with
+exit status 2.
 """
 
 from __future__ import annotations
@@ -57,14 +59,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils import parametrize
 
+from codeq import onnx_export
 from codeq._io import atomic_path, atomic_write_bytes
 from codeq.checkpoint import load_model
-from codeq.errors import ConfigError
+from codeq.errors import ConfigError, ExportError
+from codeq.levels import dequantize, integer_levels, plain_state_dict, quantized_weights, same_values
 from codeq.models import build_model
-from codeq.parametrize import is_quantizer
-from codeq.quantizers import DeadZoneLDZCompander, UniformSymmetric
 
 __all__ = [
     "ExportError",
@@ -84,11 +85,6 @@ TENSOR_FILE = "model.safetensors"
 LAYOUT_FILE = "layout.json"
 _PREFIX = "codeq::"
 _MAX_RICE_K = 24
-
-
-class ExportError(RuntimeError):
-    """An export could not be written or read: missing, corrupt or truncated
-    files, a SHA-256 mismatch, an unknown format.  The message is one line."""
 
 
 # ------------------------------------------------------------ bit streams --
@@ -227,92 +223,6 @@ def _decode_levels(codes: np.ndarray, info: dict) -> np.ndarray:
     return q
 
 
-# ----------------------------------------------------- quantizer analysis --
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dequant(encoding: str, q: torch.Tensor, s: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ŵ from integer levels with the quantizer's float ops (compute dtype), cast to ``dtype``."""
-    qf = q.to(s.dtype)
-    if encoding == "deadzone":
-        w = s * qf + delta * torch.sign(qf)
-    elif encoding == "uniform":
-        w = s * qf
-    else:  # pragma: no cover - guarded by the callers
-        raise ExportError(f"unknown encoding {encoding!r}")
-    return w.to(dtype)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values (+0.0 == -0.0), no NaN."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-
-
-def _levels(q: nn.Module, w: torch.Tensor):
-    """(encoding, s, delta, B, Q, levels from w) for a quantizer codeq can
-    decode, with the scalars that computed its ŵ; None for any other."""
-    ct = _compute_dtype(w.dtype)
-    x = w.detach().to(ct)
-    if isinstance(q, DeadZoneLDZCompander):
-        sc = q.get_scalars(w)
-        s, delta = sc["s"].to(ct), sc["delta"].to(ct)
-        B = int(round(float(sc["B"])))
-        Qi = 2 ** (B - 1) - 1
-        u = torch.sign(x) * torch.relu(x.abs() - delta)
-        return "deadzone", s, delta, B, Qi, torch.clamp(torch.round(u / s), -Qi, Qi)
-    if isinstance(q, UniformSymmetric):
-        B = int(q.bitwidth)
-        Qi = 2 ** (B - 1) - 1
-        a = x.abs().amax()
-        s = torch.ones((), dtype=ct, device=x.device) if float(a) == 0.0 else a / torch.tensor(float(Qi), dtype=ct)
-        return "uniform", s, torch.zeros((), dtype=ct, device=x.device), B, Qi, torch.clamp(torch.round(x / s), -Qi, Qi)
-    return None
-
-
-def _quantized_weights(model: nn.Module) -> dict:
-    """{module name: (module, quantizer or None)} of every module whose ``weight`` is parametrized."""
-    res = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            plist = list(module.parametrizations["weight"])
-            qs = [p for p in plist if is_quantizer(p)]
-            # decodable only when the quantizer is the one and only parametrization
-            res[name] = (module, qs[0] if len(plist) == 1 and len(qs) == 1 else None)
-    return res
-
-
-@torch.no_grad()
-def plain_state_dict(model: nn.Module) -> dict:
-    """The state dict of ``model`` with every parametrized tensor replaced by
-    its value (``X.parametrizations.weight.original`` -> ``X.weight`` = ŵ) and
-    the quantizers' own parameters and buffers dropped: what a quantizer-free
-    copy of the architecture loads."""
-    sd = model.state_dict()
-    values = {}  # "<module>.parametrizations.<attr>." -> ("<module>.<attr>", value)
-    with parametrize.cached():
-        for mname, module in model.named_modules():
-            if not parametrize.is_parametrized(module):
-                continue
-            pre = f"{mname}." if mname else ""
-            for attr in module.parametrizations.keys():
-                values[f"{pre}parametrizations.{attr}."] = (f"{pre}{attr}", getattr(module, attr).detach())
-    out = {}
-    for k, v in sd.items():
-        head, sep, tail = k.rpartition(".parametrizations.")
-        if not sep and k.startswith("parametrizations."):
-            head, sep, tail = "", "parametrizations.", k[len("parametrizations."):]
-        if sep:
-            attr, _, rest = tail.partition(".")
-            prefix = f"{head}.parametrizations.{attr}." if head else f"parametrizations.{attr}."
-            if prefix in values and rest.startswith("original"):
-                nk, nv = values[prefix]
-                out.setdefault(nk, nv)  # original, or original0/original1/...: the value once
-            continue  # parameters/buffers of the parametrizations themselves
-        out[k] = v.detach()
-    return out
-
-
 # ------------------------------------------------------------------ files --
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -381,7 +291,7 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
     os.makedirs(out_path, exist_ok=True)
 
     plain = plain_state_dict(model)
-    qmods = _quantized_weights(model)
+    qmods = quantized_weights(model)
     tensors: dict = {}
     layers: dict = {}
     raw_reasons: dict = {}
@@ -390,27 +300,12 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
         if key not in plain:  # pragma: no cover - shared module under two names
             continue
         w_hat = plain[key]
-        if q is None:
-            raw_reasons[key] = "not a single quantizer parametrization"
+        found = "not a single quantizer parametrization" if q is None else \
+            integer_levels(q, module.parametrizations["weight"].original, w_hat)
+        if isinstance(found, str):
+            raw_reasons[key] = found
             continue
-        if not getattr(q, "enabled", True):
-            raw_reasons[key] = "quantizer disabled"
-            continue
-        if not w_hat.is_floating_point() or w_hat.numel() == 0:
-            raw_reasons[key] = "not a float tensor"
-            continue
-        w = module.parametrizations["weight"].original.detach()
-        found = _levels(q, w)
-        if found is None:
-            raw_reasons[key] = f"no decoder for {type(q).__name__}"
-            continue
-        encoding, s, delta, B, Qi, lv = found
-        # the levels from w, or read back from ŵ itself where the two formulas disagree by an ulp
-        lv = next((t for t in (lv, _inverse_levels(encoding, w_hat, s, delta, Qi))
-                   if t is not None and _same(_dequant(encoding, t, s, delta, w_hat.dtype), w_hat)), None)
-        if lv is None:
-            raw_reasons[key] = "levels do not rebuild the weight exactly"
-            continue
+        encoding, s, delta, B, Qi, lv = found.encoding, found.s, found.delta, found.bits, found.Q, found.levels
         qn = lv.to(torch.int64).reshape(-1).cpu().numpy()
         codes, streams = _encode_levels(qn, Qi)
         tensors[f"{_PREFIX}{key}::codes"] = torch.frombuffer(bytearray(codes), dtype=torch.uint8) if codes else \
@@ -479,18 +374,6 @@ def export_model(model: nn.Module, out_path: str, config: dict | None = None, ve
     if verbose:
         print(format_summary(summary))
     return summary
-
-
-def _inverse_levels(encoding, w_hat, s, delta, Qi):
-    """Levels read back from ŵ itself (used when the forward formula disagrees by an ulp)."""
-    x = w_hat.detach().to(s.dtype)
-    if encoding == "deadzone":
-        lv = torch.round((x - delta * torch.sign(x)) / s)
-    else:
-        lv = torch.round(x / s)
-    if not bool(torch.isfinite(lv).all()):
-        return None
-    return torch.clamp(lv, -Qi, Qi)
 
 
 def format_summary(summary: dict) -> str:
@@ -565,7 +448,7 @@ def load_state_dict(out_path: str, verify: bool = True) -> dict:
                 raise ExportError(f"corrupt layout: shape and numel of {key!r} disagree")
             q = _decode_levels(codes_t.numpy(), info)
             qt = torch.from_numpy(q).reshape(shape)
-            out[key] = _dequant(info["encoding"], qt, scal[0], scal[1], _dtype_of(info["dtype"]))
+            out[key] = dequantize(info["encoding"], qt, scal[0], scal[1], _dtype_of(info["dtype"]))
     except ExportError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -617,7 +500,7 @@ def _verify(expected: dict, got: dict) -> None:
     if set(expected) != set(got):
         raise ExportError(f"read-back check failed: keys differ ({sorted(set(expected) ^ set(got))[:3]})")
     for k, v in expected.items():
-        if not _same(got[k], v.detach().cpu()):
+        if not same_values(got[k], v.detach().cpu()):
             raise ExportError(f"read-back check failed: {k} differs from the model's tensor")
 
 
@@ -630,24 +513,51 @@ def check_export(out_path: str) -> dict:
             "has_config": isinstance(layout.get("config"), dict)}
 
 
+FORMATS = ("codeq", "onnx")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m codeq.export",
-        description="Export a codeq trainer checkpoint compactly (packed sparse integer levels): "
-                    "CHECKPOINT OUT, or --check OUT to verify an export.")
+        description="Export a codeq trainer checkpoint: CHECKPOINT OUT, or --check OUT to verify an export. "
+                    "--format codeq (default): a directory of packed sparse integer levels, read by "
+                    "codeq.export.load. --format onnx: an ONNX file with INT4/INT8 weights for ONNX Runtime "
+                    "and other runtimes (OUT ending in .onnx, or a directory that gets model.onnx); needs "
+                    "pip install 'codeq[onnx]'.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="CHECKPOINT OUT (export) or OUT (with --check)")
-    p.add_argument("--check", action="store_true", help="verify an existing export (checksums, full decode)")
+    p.add_argument("--check", action="store_true", help="verify an existing export (codeq: checksums, full "
+                   "decode; onnx: onnx.checker, integer weights, ONNX Runtime against PyTorch)")
+    p.add_argument("--format", default=None, help="codeq or onnx (default: onnx for a .onnx path, else codeq)")
+    p.add_argument("--onnx-form", default="cast", help="how the graph turns the integers into weights: cast "
+                   "(Cast, Mul; default) or qdq (DequantizeLinear, for consumers that look for Q/DQ)")
     args = p.parse_args(argv)
     n = 1 if args.check else 2
-    if len(args.paths) != n:
-        p.error("expected OUT with --check" if args.check else "expected CHECKPOINT OUT")
     try:
-        if args.check:
-            info = check_export(args.paths[0])
-            print(f"ok: {args.paths[0]}: {info['tensors']} tensors, {info['quantized_layers']} packed layers"
+        if len(args.paths) != n:
+            raise ExportError("expected OUT with --check" if args.check else "expected CHECKPOINT OUT")
+        out = args.paths[-1]
+        fmt = args.format or ("onnx" if out.endswith(".onnx") else "codeq")
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown --format {fmt!r} (choose one of: {', '.join(FORMATS)})")
+        if fmt == "onnx":
+            if args.onnx_form not in onnx_export.FORMS:
+                raise ExportError(f"unknown --onnx-form {args.onnx_form!r} (choose one of: "
+                                  f"{', '.join(onnx_export.FORMS)})")
+            path = out if out.endswith(".onnx") else os.path.join(out, "model.onnx")
+            if args.check:
+                info = onnx_export.check_onnx(path)
+                print(f"ok: {path}: {len(info['layers'])} integer weight(s), runs in ONNX Runtime"
+                      + (f", outputs within {info['max_rel_error']:.1e} of PyTorch's" if info["compared"]
+                         else " (no architecture config: not compared with PyTorch)"))
+            else:
+                info = onnx_export.export_checkpoint_onnx(args.paths[0], path, form=args.onnx_form)
+                print(onnx_export.format_summary(info))
+        elif args.check:
+            info = check_export(out)
+            print(f"ok: {out}: {info['tensors']} tensors, {info['quantized_layers']} packed layers"
                   + ("" if info["has_config"] else " (no architecture config)"))
         else:
-            export_checkpoint(args.paths[0], args.paths[1])
+            export_checkpoint(args.paths[0], out)
         return 0
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Iterator
 
 import torch
@@ -11,7 +12,7 @@ from torch.nn.utils import parametrize
 from codeq.quantizers import QuantizerBase
 from codeq.registry import QUANTIZER_REGISTRY
 
-__all__ = ["attach_weight_quantizers", "toggle_quantization", "iter_quantizers", "is_quantizer"]
+__all__ = ["attach_weight_quantizers", "toggle_quantization", "iter_quantizers", "is_quantizer", "strip_quantizers"]
 
 
 def is_quantizer(m: nn.Module) -> bool:
@@ -95,3 +96,26 @@ def toggle_quantization(model: nn.Module, enabled: bool) -> int:
         q.enabled = bool(enabled)
         n += 1
     return n
+
+
+@torch.no_grad()
+def strip_quantizers(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without parametrizations: each parametrized
+    tensor an ordinary parameter holding its value (a quantized weight holds
+    ŵ).  ``model`` is left as it is.
+
+    torch's deep copy of a parametrized module shares the module's class, and
+    removing a parametrization deletes the tensor's property from that class;
+    so each copied module first gets a class of its own, the same as the one
+    it shares."""
+    plain = copy.deepcopy(model)
+    with parametrize.cached():
+        for module in plain.modules():
+            if not parametrize.is_parametrized(module):
+                continue
+            cls = type(module)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, own)
+            for attr in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    return plain

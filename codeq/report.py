@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from codeq._io import read_jsonl, write_json
 from codeq.checkpoint import load_model
 from codeq.errors import ConfigError
-from codeq.export import plain_state_dict
+from codeq.levels import plain_state_dict
 from codeq.models import example_input
 from codeq.parametrize import iter_quantizers
 from codeq.plots import compression_figure, milestones_figure, runs_figure, save_figure

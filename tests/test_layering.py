@@ -83,7 +83,7 @@ def test_only_the_fallback_imports_the_reference():
     assert users == ["codeq.losses", "codeq.quantizers"], users
 
 
-@pytest.mark.parametrize("module", ["codeq.report", "codeq.export", "codeq.checkpoint", "codeq.models"])
+@pytest.mark.parametrize("module", ["codeq.report", "codeq.export", "codeq.onnx_export", "codeq.checkpoint", "codeq.models"])
 def test_report_and_export_do_not_need_the_trainer(module):
     """Everything a checkpoint needs to become a model again lives below the trainer."""
     def reach(m, seen):
