@@ -13,6 +13,7 @@ Builds a CUDA extension when torch has CUDA and nvcc is found (CUDA_HOME, or
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -67,6 +68,14 @@ def _import_torch():
     return torch
 
 
+def _source_digest():
+    """codeq/_digest.py's digest of csrc/ (loaded by path: codeq itself needs the extension being built)."""
+    spec = importlib.util.spec_from_file_location("_codeq_digest", os.path.join(ROOT, "codeq", "_digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(ROOT)
+
+
 def _extension():
     torch = _import_torch()
 
@@ -82,7 +91,8 @@ def _extension():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", f'-DCODEQ_TORCH_VERSION="{torch.__version__}"']
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", f'-DCODEQ_TORCH_VERSION="{torch.__version__}"',
+           f'-DCODEQ_SOURCE_DIGEST="{_source_digest()}"']
     link = ["-fopenmp"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; torch's parallel_for then runs serially
         cxx.remove("-fopenmp")

@@ -60,6 +60,9 @@ pybind11::dict build_info() {
 #ifdef CODEQ_TORCH_VERSION
   d["torch_built_with"] = std::string(CODEQ_TORCH_VERSION);
 #endif
+#ifdef CODEQ_SOURCE_DIGEST
+  d["source_digest"] = std::string(CODEQ_SOURCE_DIGEST);  // of csrc/, codeq/_digest.py
+#endif
   d["openmp"] =
 #ifdef _OPENMP
       true;
