@@ -82,10 +82,10 @@ def graph_step(tr: Trainer, x, y, device, steps: int):
         out = tr.train_step(x, y)
     graph.replay()
     torch.cuda.synchronize()
-    first = float(out[0])
+    first = float(out["loss"])
     graph.replay()
     torch.cuda.synchronize()
-    second = float(out[0])
+    second = float(out["loss"])
     ms = mean_step_ms(graph.replay, device, steps)
     return ms, first, second
 

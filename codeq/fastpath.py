@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq import _ext, ops
-from codeq.losses import group_lasso_layers, group_lasso_of
+from codeq.losses import group_lasso_of
 from codeq.quantizers import DeadZoneLDZCompander, use_fused
 
 __all__ = ["FusedWeights"]
@@ -63,24 +63,20 @@ class FusedWeights:
     """Fills the parametrization cache with every fusable quantized weight of
     ``model`` in one fused call.
 
-    ``group_lasso``: the kwargs of a ``group_lasso`` loss term (``lambda_linear``,
-    ``lambda_conv``) to compute along, or None.  Use inside
-    ``parametrize.cached()``::
+    ``group_lasso``: the (module, lambda) pairs of a group lasso to compute
+    along (what a term declares with ``register_loss(..., group_lasso_layers=)``,
+    for its kwargs), or None.  Use inside ``parametrize.cached()``::
 
-        fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-4, "lambda_conv": 1e-4})
+        fast = FusedWeights(model, group_lasso=codeq.losses.group_lasso_layers(model, 1e-3, 1e-3))
         with parametrize.cached():
             gl = fast.prefill()          # the group lasso over all layers (None without one)
             logits = model(x)            # reads the cached quantized weights
     """
 
-    def __init__(self, model: nn.Module, group_lasso: dict | None = None):
+    def __init__(self, model: nn.Module, group_lasso: list | None = None):
         self.model = model
         self.modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
-        # (module, lambda) of every layer the group lasso covers
-        self.gl_layers = None
-        if group_lasso is not None:
-            self.gl_layers = group_lasso_layers(model, float(group_lasso.get("lambda_linear", 1e-4)),
-                                                float(group_lasso.get("lambda_conv", 1e-4)))
+        self.gl_layers = group_lasso  # (module, lambda) of every layer the group lasso covers
         self.gl_lambda = {id(m): lam for m, lam in self.gl_layers or ()}
         self.enabled = _ext._C is not None and hasattr(parametrize, "_cache")
         self._checked = False

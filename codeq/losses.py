@@ -10,10 +10,17 @@ from codeq.parametrize import iter_quantizers
 from codeq.quantizers import use_fused
 from codeq.registry import register_loss
 
-__all__ = ["group_lasso", "group_lasso_layers", "group_lasso_of", "theta_l2"]
+__all__ = ["GROUP_LASSO_LAMBDA", "group_lasso", "group_lasso_layers", "group_lasso_of", "theta_l2"]
+
+# The group lasso's default lambda_linear / lambda_conv, defined once: the trainer fills a
+# term's kwargs from group_lasso's signature, so its fused path (codeq/fastpath.py, which
+# has no defaults) computes with the values the per-layer path does.  codeq.reference, a
+# leaf, spells its own out; tests/test_loss_terms.py holds the two equal.
+GROUP_LASSO_LAMBDA = 1e-4
 
 
-def group_lasso_layers(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> list:
+def group_lasso_layers(model: nn.Module, lambda_linear: float = GROUP_LASSO_LAMBDA,
+                       lambda_conv: float = GROUP_LASSO_LAMBDA) -> list:
     """(module, lambda) of every layer the group lasso covers: nn.Linear with
     ``lambda_linear``, nn.Conv2d with ``lambda_conv``, where the lambda is not 0."""
     out = []
@@ -24,8 +31,9 @@ def group_lasso_layers(model: nn.Module, lambda_linear: float = 1e-4, lambda_con
     return out
 
 
-@register_loss("group_lasso")
-def group_lasso(model: nn.Module, lambda_linear: float = 1e-4, lambda_conv: float = 1e-4) -> torch.Tensor:
+@register_loss("group_lasso", group_lasso_layers=group_lasso_layers)
+def group_lasso(model: nn.Module, lambda_linear: float = GROUP_LASSO_LAMBDA,
+                lambda_conv: float = GROUP_LASSO_LAMBDA) -> torch.Tensor:
     """Group lasso over the columns of every nn.Linear / nn.Conv2d weight the
     forward pass uses (the quantized weight where a quantizer is attached):
     ``lambda_linear * sum_j ||W[:, j]||_2`` for Linear (one group per input

@@ -23,6 +23,7 @@ __all__ = [
     "DATASET_REGISTRY",
     "OPTIMIZER_REGISTRY",
     "SCHEDULER_REGISTRY",
+    "DEFAULT_AUGMENT",
     "register_quantizer",
     "register_loss",
     "register_model",
@@ -31,7 +32,7 @@ __all__ = [
 
 # name -> class or callable(**kwargs) -> nn.Module with forward(w) -> w_hat
 QUANTIZER_REGISTRY: dict[str, Callable] = {}
-# name -> fn(model, **kwargs) -> scalar tensor
+# name -> fn(model, **kwargs) -> scalar tensor; fn.group_lasso_layers: see register_loss
 LOSS_REGISTRY: dict[str, Callable] = {}
 # name -> fn(num_classes=..., img_size=..., **model_kwargs) -> nn.Module
 MODEL_REGISTRY: dict[str, Callable] = {}
@@ -41,6 +42,9 @@ DATASET_REGISTRY: dict[str, Callable] = {}
 OPTIMIZER_REGISTRY: dict[str, type] = {}
 # name -> fn(optimizer, cfg) -> LR scheduler (stepped once per epoch) or None
 SCHEDULER_REGISTRY: dict[str, Callable] = {}
+# A data set's training augmentation when it names none (register_dataset's augment;
+# the config's for one put into DATASET_REGISTRY without the decorator).
+DEFAULT_AUGMENT = "standard"
 
 
 def _register(registry: dict, name: str):
@@ -56,9 +60,18 @@ def register_quantizer(name: str):
     return _register(QUANTIZER_REGISTRY, name)
 
 
-def register_loss(name: str):
-    """Function decorator: ``@register_loss("l1") def l1(model, **kw) -> Tensor``"""
-    return _register(LOSS_REGISTRY, name)
+def register_loss(name: str, group_lasso_layers: Callable | None = None):
+    """Function decorator: ``@register_loss("l1") def l1(model, **kw) -> Tensor``.
+    ``group_lasso_layers``: declares the term a group lasso (the kernels' sum of
+    column norms) of the (module, lambda) pairs this returns for the same
+    ``(model, **kw)``, kept as ``fn.group_lasso_layers``; the trainer's fast path
+    then computes the term inside the quantizers' fused call (codeq/fastpath.py)
+    instead of calling ``fn``."""
+    def deco(fn):
+        fn.group_lasso_layers = group_lasso_layers
+        return _register(LOSS_REGISTRY, name)(fn)
+
+    return deco
 
 
 def register_model(name: str):
@@ -66,7 +79,7 @@ def register_model(name: str):
     return _register(MODEL_REGISTRY, name)
 
 
-def register_dataset(name: str, augment: str = "standard", num_classes: int | None = None):
+def register_dataset(name: str, augment: str = DEFAULT_AUGMENT, num_classes: int | None = None):
     """Function decorator: ``fn(cfg) -> (train_dataset, val_dataset)``.
     ``augment``: the data set's training recipe when the config leaves
     ``dataset.augment`` unset (kept as ``fn.default_augment``).

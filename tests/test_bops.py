@@ -19,6 +19,7 @@ from codeq.report import relative_bops
 from codeq.train.cli import main
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer
+from codeq.train.values import Named
 from test_train_cli import read_metrics, write
 
 
@@ -68,7 +69,8 @@ def test_relative_bops_against_a_hand_computation(tmp_path):
     with torch.no_grad():
         fc1.parametrizations["weight"].original[[0, 3, 5]] = 0  # 3 of 16 rows
         fc2.parametrizations["weight"].original[[1, 2, 7, 8]] = 0  # 4 of 12 rows
-    rec = t.epoch_record(0, torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5]), torch.tensor([1.0, 1.0, 2.0]), {"base": 0.1}, 0.0)
+    train = Named(("loss", "ce", t.loss_terms[0].value_name, "correct", "count"), torch.tensor([1.0, 1.0, 0.5, 1.0, 2.0]))
+    rec = t.epoch_record(0, train, Named(("ce", "correct", "count"), torch.tensor([1.0, 1.0, 2.0])), {"base": 0.1}, 0.0)
     expected = _published([(3072 * 16, 3, 16, 4), (16 * 12, 4, 12, 4), (12 * 10, 0, 10, 6)], 6, 4)
     assert rec["published_bops"] == pytest.approx(expected, rel=1e-12)
     # the paper's: every zero weight counted, against a dense 32-bit model with 32-bit activations

@@ -15,12 +15,15 @@ import torch
 
 from codeq.checkpoint import load_checkpoint
 from codeq.export import export_model
+from codeq.losses import theta_l2
 from codeq.models import build_model, example_input
 from codeq.report import METRICS, CompressionMeter, compression_report, layer_macs
 from codeq.report import main as report_main
-from codeq.train.budget import BudgetController, Knob
+from codeq.train.budget import BudgetController, Knob, Setting, group_setting
 from codeq.train.cli import main
 from codeq.train.config import ConfigError, config_from_dict
+from codeq.train.optim import PerGroupOptimizer
+from codeq.train.trainer import Trainer
 from test_train_cli import read_metrics, run_dirs, tiny, write
 from test_train_ddp import torchrun
 
@@ -29,6 +32,11 @@ def budget_cfg(tmp_path, budget, **over):
     d = tiny(tmp_path, **over)
     d["budget"] = budget
     return d
+
+
+def strengths(d) -> dict:
+    """{name: configured value} of the strengths the config's budget steers."""
+    return {s.name: s.value for s in config_from_dict(d).budget_strengths()}
 
 
 def bcfg(**kw):
@@ -72,7 +80,9 @@ def test_budget_needs_something_to_steer(tmp_path):
     with pytest.raises(ConfigError, match="nothing to steer; set optimizer.param_groups.dz.weight_decay"):
         config_from_dict(d)
     d["loss_terms"].append({"name": "theta_l2", "kwargs": {"lambda_dz": 0.01}})  # the paper's form steers
-    assert config_from_dict(d).budget_strengths() == {"loss_terms.1.kwargs.lambda_dz": 0.01}
+    assert strengths(d) == {"loss_terms.1.kwargs.lambda_dz": 0.01}
+    (s,) = config_from_dict(d).budget_strengths()
+    assert (s.term, s.key, s.group) == (1, "lambda_dz", None)  # where it acts, no name to parse
     d["quantizer"] = {"name": "uniform"}
     with pytest.raises(ConfigError, match="needs the deadzone quantizer"):
         config_from_dict(d)
@@ -87,14 +97,14 @@ def test_which_strengths_each_metric_steers(tmp_path):
     d["loss_terms"].append({"name": "theta_l2", "kwargs": {"lambda_dz": 0.01, "lambda_bit": 0.02}})
     dz = {"optimizer.param_groups.dz.weight_decay": 2.5, "loss_terms.1.kwargs.lambda_dz": 0.01}
     bit = {"optimizer.param_groups.bit.weight_decay": 1.0, "loss_terms.1.kwargs.lambda_bit": 0.02}
-    assert config_from_dict(d).budget_strengths() == {**dz, **bit}  # learnable_bit defaults to true
+    assert strengths(d) == {**dz, **bit}  # learnable_bit defaults to true
     d["budget"] = {"metric": "sparsity", "target": 0.5}
-    assert config_from_dict(d).budget_strengths() == dz
+    assert strengths(d) == dz
     d["budget"] = {"metric": "bits", "target": 4}
-    assert config_from_dict(d).budget_strengths() == bit
+    assert strengths(d) == bit
     d["budget"] = {"metric": "size_bytes", "target": 1000}
     d["quantizer"]["kwargs"]["learnable_bit"] = False
-    assert config_from_dict(d).budget_strengths() == dz
+    assert strengths(d) == dz
 
 
 def test_cli_bad_budget_exits_2_with_one_line(tmp_path, capsys):
@@ -124,7 +134,7 @@ def test_schedule_goes_geometrically_from_the_start_to_the_target():
 
 def test_lambda_is_never_negative_and_follows_the_error():
     written = {}
-    knobs = [Knob("a", 2.5, lambda v: written.__setitem__("a", v)), Knob("b", 0.01, lambda v: written.__setitem__("b", v))]
+    knobs = [Knob("a", 2.5, Setting(lambda: [written], "a")), Knob("b", 0.01, Setting(lambda: [written], "b"))]
     c = BudgetController(bcfg(target=0.05), knobs, epochs=5, steps_per_epoch=20)
     assert written == {"a": 0.0, "b": 0.0}  # from the start, before any update
     c.begin(0.25)
@@ -226,6 +236,57 @@ def test_a_met_target_does_not_prune_further(tmp_path):
     assert ckpt["budget"]["u"] == 0.0
     wd = [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"] if g["name"] == "dz"]
     assert wd == [0.0]
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["one_optimizer", "per_group_optimizer"])
+def test_group_setting_writes_the_group_load_state_dict_put_in_place(tmp_path, per_group):
+    """load_state_dict replaces the param-group dicts (and, for a
+    PerGroupOptimizer, points its parts at the new ones): the budget's handle
+    writes the dict the optimizer steps with now."""
+    d = budget_cfg(tmp_path, {"metric": "sparsity", "target": 0.5})
+    if per_group:
+        d["optimizer"]["param_groups"]["base"]["type"] = "sgd"
+    tr = Trainer.from_config(config_from_dict(d), "cpu")
+    assert isinstance(tr.optimizer, PerGroupOptimizer) == per_group
+    (knob,) = tr.budget.knobs
+    assert knob.name == "optimizer.param_groups.dz.weight_decay" and knob.setting.get() == 0.0  # u starts at 0
+
+    def dz_group():
+        (g,) = [g for g in tr.optimizer.param_groups if g["name"] == "dz"]
+        return g
+
+    before = dz_group()
+    tr.optimizer.load_state_dict(tr.optimizer.state_dict())
+    after = dz_group()
+    assert after is not before
+    tr.budget.u = 3.0
+    tr.budget.apply()
+    assert after["weight_decay"] == 7.5 == knob.setting.get() and before["weight_decay"] == 0.0
+    stepping = [g for part in getattr(tr.optimizer, "parts", [tr.optimizer]) for g in part.param_groups]
+    assert any(g is after for g in stepping)
+    # the same through a handle made by hand
+    group_setting(tr.optimizer, "dz", "weight_decay").set(1.25)
+    assert after["weight_decay"] == 1.25
+
+
+def test_a_loss_term_knob_writes_what_the_loss_then_uses(tmp_path):
+    d = budget_cfg(tmp_path, {"metric": "sparsity", "target": 0.5})
+    d["optimizer"]["param_groups"]["dz"]["weight_decay"] = 0.0
+    d["loss_terms"].append({"name": "theta_l2", "kwargs": {"lambda_dz": 0.05}})
+    tr = Trainer.from_config(config_from_dict(d), "cpu")
+    (knob,) = tr.budget.knobs
+    term = tr.loss_terms[1]
+    assert knob.name == "loss_terms.1.kwargs.lambda_dz" and term.name == "theta_l2"
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for u in (0.0, 2.0, 0.5):
+        tr.budget.u = u
+        tr.budget.apply()
+        assert term.kwargs["lambda_dz"] == knob.setting.get() == u * 0.05
+        loss, parts, _ = tr.compute_loss(x, y)
+        want = theta_l2(tr.model, lambda_dz=u * 0.05)
+        assert torch.equal(parts[term.value_name], want) and (want > 0) == (u > 0)
+        rest = parts["ce"] + parts[tr.loss_terms[0].value_name]
+        assert torch.equal(loss, rest + want)
 
 
 def test_budget_state_survives_resume_bit_for_bit(tmp_path):

@@ -119,13 +119,14 @@ def test_total_loss_overflow_is_named():
     from codeq.train.config import config_from_dict
     from codeq.train.trainer import Trainer
     from codeq.errors import TrainingDiverged
+    from codeq.train.values import Named
 
     t = Trainer.from_config(config_from_dict(cfg_dict(pathlib.Path("unused"))), "cpu")
-    finite = torch.tensor([1.0, 1.0, 0.5, 3.0])
-    over = torch.tensor([float("inf"), 1.0, 0.5, 3.0])
-    totals = torch.zeros(5, dtype=torch.float64)
+    names = ("loss", "ce", t.loss_terms[0].value_name, "correct")
+    finite = Named(names, torch.tensor([1.0, 1.0, 0.5, 3.0]))
+    over = Named(names, torch.tensor([float("inf"), 1.0, 0.5, 3.0]))
     with pytest.raises(TrainingDiverged, match=r"the total loss is inf at epoch 2/3, step 6/9$") as e:
-        t._read_window([finite, finite, over], [8, 8, 8], totals, 1, 6, 9)
+        t._read_window([finite, finite, over], [8, 8, 8], None, 1, 6, 9)
     assert (e.value.epoch, e.value.step, e.value.term) == (2, 6, "the total loss")
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import codeq
 from codeq import reference as R
+from codeq.losses import group_lasso_layers
 from codeq.train.optim import build_optimizer
 from codeq.train.config import config_from_dict
 from codeq.train.trainer import Trainer
@@ -60,7 +61,8 @@ def test_fast_step_equals_straightforward(model, learnable_bit, seed):
 
     trainer = Trainer(fast_cfg, torch.device("cpu"), fast, build_optimizer(fast_cfg, fast), None, None, None,
                       torch.Generator())
-    loss_fast, (ce_fast, *_), _ = trainer.compute_loss(x, y)
+    loss_fast, parts, _ = trainer.compute_loss(x, y)
+    ce_fast = parts["ce"]
     loss_fast.backward()
 
     # straightforward: no caching (the group lasso re-runs every quantizer), reference math throughout
@@ -278,7 +280,7 @@ def test_hooked_or_subclassed_quantizers_keep_their_own_path():
     d = Doubled(init_deadzone_logit=1.2, init_bit_logit=0.5)
     d.load_state_dict(layer.parametrizations.weight[0].state_dict())
     layer.parametrizations.weight[0] = d
-    fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
+    fast = FusedWeights(model, group_lasso=group_lasso_layers(model, 1e-3, 0.0))
     x = torch.randn(4, 3, 32, 32)
     own_path = []  # the quantizers that ran their own forward
     orig = DeadZoneLDZCompander._quantize
@@ -312,7 +314,7 @@ def test_fast_path_turns_itself_off_if_torch_cache_is_unreachable():
             pass
 
     model = build_model(config("mlp"))
-    fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
+    fast = FusedWeights(model, group_lasso=group_lasso_layers(model, 1e-3, 0.0))
     x = torch.randn(4, 3, 32, 32)
     with parametrize.cached():
         parametrize._cache = NoWrites()
@@ -366,7 +368,7 @@ def test_fast_path_follows_a_replaced_logit_parameter(seed):
 
     torch.manual_seed(seed)
     model = build_model(config("mlp"))
-    fast = FusedWeights(model, group_lasso={"lambda_linear": 1e-3, "lambda_conv": 0.0})
+    fast = FusedWeights(model, group_lasso=group_lasso_layers(model, 1e-3, 0.0))
     x = torch.randn(4, 3, 32, 32)
     with parametrize.cached():
         fast.prefill()
@@ -443,12 +445,13 @@ def test_loss_term_weight_is_applied_exactly(lam, fused, seed):
     y = torch.randint(0, 10, (8,))
     tr = Trainer(cfg, torch.device("cpu"), a, build_optimizer(cfg, a), None, None, None, torch.Generator())
     assert (tr.fast is not None) == fused
-    loss_a, (ce_a, *_), _ = tr.compute_loss(x, y)
+    loss_a, parts, _ = tr.compute_loss(x, y)
+    ce_a = parts["ce"]
     loss_a.backward()
 
     kw = cfg.loss_terms[0].kwargs
     with parametrize.cached():
-        gl = FusedWeights(b, group_lasso=kw).prefill() if fused else None
+        gl = FusedWeights(b, group_lasso=group_lasso_layers(b, **kw)).prefill() if fused else None
         ce_b = F.cross_entropy(b(x), y)
         term = gl if fused else codeq.LOSS_REGISTRY["group_lasso"](b, **kw)
         loss_b = ce_b + lam * term  # the product always taken

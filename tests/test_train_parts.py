@@ -96,7 +96,8 @@ def test_group_lasso_term_changes_w_gradient_by_its_own_gradient():
     for key, terms in (("none", []), ("gl", gl)):
         t = _trainer(loss_terms=terms)  # same seed: same initial weights
         t.optimizer.zero_grad()
-        loss, (ce, *_), _ = t.compute_loss(x, y)
+        loss, parts, _ = t.compute_loss(x, y)
+        ce = parts["ce"]
         loss.backward()
         grads[key] = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
         if key == "gl":
@@ -188,8 +189,8 @@ def test_epoch_metrics_accumulate_on_device_without_item(monkeypatch):
     out = t.train_epoch(0)
     monkeypatch.undo()
     assert reads[0] == 0
-    loss_sum, ce_sum, correct, n = out.tolist()
-    assert n == 32 and 0 <= correct <= 32 and loss_sum > 0
+    assert out.names == ("loss", "ce", "correct", "count")
+    assert out["count"] == 32 and 0 <= out["correct"] <= 32 and out["loss"] > 0
 
 
 # ---------------------------------------------------------------- models --

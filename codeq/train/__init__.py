@@ -4,7 +4,9 @@
 Modules, each using only those before it: ``sampling`` (the data order),
 ``device_data``, ``data`` (data sets and loaders), ``optim`` (optimizer,
 scheduler, parameter groups), ``config`` (the schema), ``logging``,
-``distributed``, ``graph``, ``malloc``, ``trainer``, ``cli``.  Importing the
+``distributed``, ``graph``, ``malloc``, ``values`` (values read by name),
+``budget`` (the controller and the handles it writes through), ``terms`` (the
+loss terms as objects), ``trainer``, ``cli``.  Importing the
 package registers its data sets, optimizers and schedulers in
 :mod:`codeq.registry`.
 """

@@ -16,9 +16,11 @@ budget", has the equations)::
     I       <- max(0, I + e dt)               dt: epochs since the last update
     u        = clip(kp e + ki I, 0, max_factor)   (I held where u would pass max_factor)
 
-The controlled strengths (whichever the config sets above 0): the weight decay
-of the ``dz`` / ``bit`` parameter groups and the ``lambda_dz`` / ``lambda_bit``
-of ``theta_l2`` terms; ``sparsity`` moves the dead-zone ones, ``bits`` the
+The controlled strengths (whichever the config sets above 0,
+``Config.budget_strengths``): the weight decay of the ``dz`` / ``bit``
+parameter groups and the ``lambda_dz`` / ``lambda_bit`` of ``theta_l2`` terms,
+each written through a :class:`Setting` (``LossTerm.knob``,
+:func:`group_setting`); ``sparsity`` moves the dead-zone ones, ``bits`` the
 bit-width ones, ``rel_bops`` and ``size_bytes`` both (bit-width ones only with
 learnable bit-widths).  The controller runs on the host at every progress
 read of the trainer (each ``log_interval`` steps and at the end of an epoch),
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["BudgetController", "Knob", "size_of"]
+__all__ = ["BudgetController", "Knob", "Setting", "group_setting", "size_of"]
 
 
 def size_of(metric: str, value: float) -> float:
@@ -38,15 +40,38 @@ def size_of(metric: str, value: float) -> float:
     return 1.0 - value if metric == "sparsity" else value
 
 
-class Knob:
-    """One controlled strength: ``set(u)`` writes ``u x scale`` where it acts."""
+class Setting:
+    """A handle on one value a budget steers: ``key`` of the dicts that
+    ``where()`` returns, looked up at every access, so that it follows dicts
+    that are replaced (``optimizer.load_state_dict`` replaces the param groups)."""
 
-    def __init__(self, name: str, scale: float, write):
-        self.name, self.scale, self._write = name, float(scale), write
+    def __init__(self, where, key: str):
+        self.where, self.key = where, key
+
+    def get(self):
+        return self.where()[0][self.key]
+
+    def set(self, value) -> None:
+        for d in self.where():
+            d[self.key] = value
+
+
+def group_setting(optimizer, group: str, key: str) -> Setting:
+    """The handle on hyper-parameter ``key`` (``weight_decay``) of the
+    optimizer's param group named ``group`` (codeq/train/optim.py names them)."""
+    return Setting(lambda: [g for g in optimizer.param_groups if g.get("name") == group], key)
+
+
+class Knob:
+    """One controlled strength: ``set(u)`` writes ``u x scale`` through
+    ``setting`` (a :class:`Setting`, or anything with ``set(value)``)."""
+
+    def __init__(self, name: str, scale: float, setting):
+        self.name, self.scale, self.setting = name, float(scale), setting
 
     def set(self, u: float) -> float:
         value = u * self.scale
-        self._write(value)
+        self.setting.set(value)
         return value
 
 

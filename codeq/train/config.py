@@ -41,6 +41,7 @@ from codeq.models import check_model_kwargs, model_source, resolve_model
 from codeq.report import METRICS as BUDGET_METRICS
 from codeq.registry import (
     DATASET_REGISTRY,
+    DEFAULT_AUGMENT,
     LOSS_REGISTRY,
     OPTIMIZER_REGISTRY,
     QUANTIZER_REGISTRY,
@@ -58,6 +59,7 @@ __all__ = [
     "LossTermConfig",
     "DatasetConfig",
     "BudgetConfig",
+    "BudgetStrength",
     "load_config",
     "load_yaml",
     "apply_overrides",
@@ -271,7 +273,7 @@ class DatasetConfig:
     def validate(self, path: str) -> None:
         recipe = self.augment is None
         if recipe:
-            self.augment = getattr(DATASET_REGISTRY[self.name], "default_augment", "standard")
+            self.augment = getattr(DATASET_REGISTRY[self.name], "default_augment", DEFAULT_AUGMENT)
         if not self.on_device:
             return
         if self.name not in ON_DEVICE_DATASETS:
@@ -334,6 +336,20 @@ class BudgetConfig:
                               f"got {targets}")
         if self.kp == 0 and self.ki == 0:
             raise ConfigError(f"{path}: kp and ki are both 0, so the controller would never act")
+
+
+@dataclass(frozen=True)
+class BudgetStrength:
+    """A strength a budget scales: ``name`` (its key in the budget's record),
+    its configured ``value``, and where it acts -- argument ``key`` of
+    ``loss_terms[term]``, or hyper-parameter ``key`` of the optimizer's param
+    group ``group``."""
+
+    name: str
+    value: float
+    key: str
+    term: int | None = None
+    group: str | None = None
 
 
 def _default_kwarg(cls, kwargs: dict, name: str):
@@ -464,24 +480,26 @@ class Config:
         q = self.quantizer
         return _default_kwarg(QUANTIZER_REGISTRY[q.name], q.kwargs, name) if q is not None else None
 
-    def budget_strengths(self) -> dict:
-        """{name: configured strength} of the regularisers a budget scales (see
-        codeq/train/budget.py), those above 0, for this config's metric."""
+    def budget_strengths(self) -> list[BudgetStrength]:
+        """The regulariser strengths a budget scales (see codeq/train/budget.py),
+        those configured above 0, for this config's metric."""
         b = self.budget
         use_dz = bool(self._quantizer_arg("learnable_deadzone")) and b.metric != "bits"
         use_bit = bool(self._quantizer_arg("learnable_bit")) and b.metric != "sparsity"
         groups = self.optimizer.param_groups
-        out = {}
+        out = []
         for kind, on in (("dz", use_dz), ("bit", use_bit)):
             if not on:
                 continue
             g = getattr(groups, kind) or groups.base
             if g.weight_decay > 0:
-                out[f"optimizer.param_groups.{kind}.weight_decay"] = g.weight_decay
+                out.append(BudgetStrength(f"optimizer.param_groups.{kind}.weight_decay", g.weight_decay,
+                                          "weight_decay", group=kind))
+            arg = f"lambda_{kind}"
             for i, t in enumerate(self.loss_terms):
-                lam = float(t.kwargs.get(f"lambda_{kind}", 0.0)) if t.name == "theta_l2" else 0.0
+                lam = float(_default_kwarg(LOSS_REGISTRY[t.name], t.kwargs, arg)) if t.name == "theta_l2" else 0.0
                 if lam > 0 and t.lam > 0:
-                    out[f"loss_terms.{i}.kwargs.lambda_{kind}"] = lam
+                    out.append(BudgetStrength(f"loss_terms.{i}.kwargs.{arg}", lam, arg, term=i))
         return out
 
     def _validate_budget(self) -> None:

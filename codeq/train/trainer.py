@@ -1,7 +1,9 @@
 """The training loop: CE + sum of lambda * loss terms, 3-way param groups,
 step losses read once per log interval (progress, a stop at the first
 non-finite one), per-epoch metrics read with one device sync, relative BOPs,
-checkpoints, resume, training curves and the compression report."""
+checkpoints, resume, training curves and the compression report.  Step and
+epoch values are named where they are made and read by name
+(codeq/train/values.py)."""
 
 from __future__ import annotations
 
@@ -23,14 +25,12 @@ from codeq.checkpoint import get_rng_state, save_checkpoint, set_rng_state
 from codeq.errors import TrainingDiverged
 from codeq.export import export_model
 from codeq.fastpath import FusedWeights
-from codeq.losses import group_lasso
 from codeq.models import build_model, example_input
 from codeq.parametrize import iter_quantizers
 from codeq.plots import save_figure, training_curves_figure
-from codeq.registry import LOSS_REGISTRY
 from codeq.report import METRICS, CompressionMeter, compression_report, format_report, layer_macs, relative_bops, \
     save_report
-from codeq.train.budget import BudgetController, Knob
+from codeq.train.budget import BudgetController, Knob, group_setting
 from codeq.train.config import Config, ConfigError, check_resume_compatible, config_to_dict
 from codeq.train.data import build_datasets, build_loaders
 from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash, resolve_device
@@ -40,10 +40,21 @@ from codeq.train.malloc import tune_malloc
 from codeq.train.optim import build_optimizer, build_scheduler, graph_capable
 from codeq.train.precision import autocast, wants_channels_last
 from codeq.train.sampling import epoch_seed
+from codeq.train.terms import build_loss_terms
+from codeq.train.values import Named, read
 
 __all__ = ["Trainer", "seed_everything", "build_run_model"]
 
 CURVES_EVERY_S = 60.0  # training_curves.png is redrawn at most this often (and after the last epoch)
+# The step values that are counts, summed over the steps as they are; every other
+# step value is a batch mean, summed weighted by its batch size.
+COUNTS = ("correct",)
+# What evaluate sums over the validation set, from each batch's logits and labels
+# (named here because a shard may hold no batch to name them).
+VAL_SUMS = {
+    "ce": lambda logits, y: F.cross_entropy(logits.float(), y, reduction="sum"),
+    "correct": lambda logits, y: (logits.argmax(1) == y).sum(),
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -80,7 +91,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.generator = generator
-        self.loss_terms = [(t.name, LOSS_REGISTRY[t.name], float(t.lam), dict(t.kwargs)) for t in cfg.loss_terms]
+        self.loss_terms = build_loss_terms(cfg.loss_terms)
         self.start_epoch = 0
         self._curves_failed = False  # training_curves.png: warn once, then stop drawing
         self._curves_at = -math.inf  # when it was last drawn (time.monotonic)
@@ -92,13 +103,11 @@ class Trainer:
         # amp: fp16 needs a gradient scaler (its small gradients would underflow).
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         # Eager fast path (codeq.fastpath): every quantized weight, and the first
-        # group-lasso term, in one fused call per step.  Not under torch.compile,
-        # which traces the per-layer ops and fuses on its own.
+        # term that declares itself a group lasso, in one fused call per step.  Not
+        # under torch.compile, which traces the per-layer ops and fuses on its own.
         self.fast, self.fast_term = None, None
         if cfg.fused_weights and not cfg.use_compile and self.quantized:
-            gl_index = next((i for i, (_, fn, _, _) in enumerate(self.loss_terms) if fn is group_lasso), None)
-            self.fast = FusedWeights(model, group_lasso=self.loss_terms[gl_index][3] if gl_index is not None else None)
-            self.fast_term = gl_index
+            self._fuse(next((t for t in self.loss_terms if t.fusable), None))
         # The Linear and conv layers with their dense MACs, measured once (one forward
         # pass): the paper's relative BOPs of every epoch (the meter, which a budget
         # also reads) and eval_bobs' published-trainer figure.
@@ -111,7 +120,8 @@ class Trainer:
         # budget: the regulariser strengths follow a controller (codeq/train/budget.py).
         self.budget, self._budget_warned = None, False
         if cfg.budget is not None:
-            knobs = [Knob(name, scale, self._writer(name)) for name, scale in cfg.budget_strengths().items()]
+            knobs = [Knob(s.name, s.value, self.loss_terms[s.term].knob(s.key) if s.term is not None
+                          else group_setting(optimizer, s.group, s.key)) for s in cfg.budget_strengths()]
             self.budget = BudgetController(cfg.budget, knobs, cfg.epochs, len(train_loader))
         # cuda_graph: each training step replayed as one CUDA graph (codeq/train/graph.py).
         self.graph = None
@@ -160,26 +170,15 @@ class Trainer:
         self.net = torch.compile(ddp) if self.cfg.use_compile else ddp
         self.eval_net = torch.compile(self.model) if self.cfg.use_compile else self.model
 
+    def _fuse(self, term) -> None:
+        """The fast path with ``term``'s group lasso (None: the quantized weights alone)."""
+        self.fast = FusedWeights(self.model, group_lasso=term.fused_layers(self.model) if term is not None else None)
+        self.fast_term, self._fused_kwargs = term, dict(term.kwargs) if term is not None else None
+
     # ------------------------------------------------------------ budget --
-    def _writer(self, name: str):
-        """The setter of one strength a budget controls (a name of Config.budget_strengths)."""
-        parts = name.split(".")
-        if parts[0] == "optimizer":  # optimizer.param_groups.<dz|bit>.weight_decay
-
-            def write(v):  # looked up each time: load_state_dict replaces the group dicts
-                for g in self.optimizer.param_groups:
-                    if g.get("name") == parts[2]:
-                        g["weight_decay"] = v
-            return write
-        kwargs = self.loss_terms[int(parts[1])][3]  # loss_terms.<i>.kwargs.<lambda_dz|lambda_bit>
-
-        def write_term(v):
-            kwargs[parts[3]] = v
-        return write_term
-
     def budget_metric(self) -> float:
         """The budget's metric now (one host read; under DDP rank 0's value on every rank)."""
-        v = self.meter.values()[METRICS.index(self.cfg.budget.metric)].reshape(1)
+        v = Named(METRICS, self.meter.values())[self.cfg.budget.metric].reshape(1)
         if self.dist.enabled:
             v = self.dist.all_reduce_sum(v if self.dist.rank == 0 else torch.zeros_like(v))
         return float(v.item())
@@ -200,36 +199,37 @@ class Trainer:
         return autocast(self.cfg.amp, self.device, cache=self.graph is None)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor):
-        """(total loss, [CE, term_1, ..., term_k], logits): the terms unweighted,
-        in ``loss_terms`` order.  The forward pass and the loss terms run in one
-        ``parametrize.cached()`` block: each quantizer runs once, and the terms
-        see the quantized weights the forward pass used.  Under ``amp`` the
-        block is autocast; the cross-entropy takes float32 logits."""
+        """(total loss, {"ce": CE, term.value_name: term, ...}, logits): the terms
+        unweighted, in ``loss_terms`` order.  The forward pass and the loss terms
+        run in one ``parametrize.cached()`` block: each quantizer runs once, and
+        the terms see the quantized weights the forward pass used.  Under ``amp``
+        the block is autocast; the cross-entropy takes float32 logits."""
+        if self.fast_term is not None and self.fast_term.kwargs != self._fused_kwargs:
+            self._fuse(self.fast_term)  # a knob moved the fused term's lambdas
         with parametrize.cached(), self.autocast():
             fused_gl = self.fast.prefill() if self.fast is not None else None
             logits = self.net(x)
             ce = F.cross_entropy(logits.float(), y)
             loss = ce
-            parts = [ce]
-            for i, (_, fn, lam, kwargs) in enumerate(self.loss_terms):
-                if i == self.fast_term and fused_gl is not None:
-                    term = fused_gl
-                else:
-                    term = fn(self.model, **kwargs)  # unwrapped: same parameters as the forward
-                loss = loss + lam * term
-                parts.append(term)
+            parts = {"ce": ce}
+            for t in self.loss_terms:
+                # unwrapped model: the same parameters as the forward
+                value = fused_gl if t is self.fast_term and fused_gl is not None else t(self.model)
+                loss = loss + t.strength * value
+                parts[t.value_name] = value
         return loss, parts, logits
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> Named:
         """The training step the epoch loop runs: :meth:`train_step`, replayed as a
         CUDA graph when ``cuda_graph`` is on (codeq/train/graph.py)."""
         if self.graph is not None:
             return self.graph.step(x, y)
         return self.train_step(x, y)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimisation step; returns [loss, CE, term_1..term_k, n correct]
-        as one float32 device tensor (nothing read on the host)."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Named:
+        """One optimisation step; returns its values (loss, ce, each term's
+        ``value``, correct: the number of correct predictions) as one float32
+        device tensor (nothing read on the host)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, parts, logits = self.compute_loss(x, y)
         if self.scaler is not None:  # amp: fp16 -- a step with inf/nan gradients is skipped, the scale lowered
@@ -239,24 +239,20 @@ class Trainer:
         else:
             loss.backward()
             self.optimizer.step()
-        correct = (logits.detach().argmax(1) == y).sum()
+        values = {"loss": loss, **parts, "correct": (logits.detach().argmax(1) == y).sum()}
         # float32: exact counts and no overflow whatever the loss dtype
-        return torch.stack([v.detach().float() for v in (loss, *parts)] + [correct.float()])
+        return Named.of({name: v.detach().float() for name, v in values.items()})
 
-    def term_keys(self) -> list[str]:
-        """The loss terms' names in the epoch records (``name``, or ``name_i``
-        when two terms share one)."""
-        names = [t[0] for t in self.loss_terms]
-        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    def describe(self, value: str) -> str:
+        """A step value in words (the divergence message)."""
+        titles = {"loss": "the total loss", "ce": "the cross-entropy"}
+        titles.update((t.value_name, t.title) for t in self.loss_terms)
+        return titles.get(value, value)
 
-    def value_names(self) -> list[str]:
-        """What each entry of :meth:`train_step`'s values but the last is."""
-        return (["the total loss", "the cross-entropy"]
-                + [f"loss term loss_terms[{i}] ({name})" for i, (name, _, _, _) in enumerate(self.loss_terms)])
-
-    def train_epoch(self, epoch: int, console: Console | None = None) -> torch.Tensor:
-        """Returns [loss sum, CE sum, correct, count, term_1 sum, ..., term_k sum]
-        on the device.  The step values are read on the host once per
+    def train_epoch(self, epoch: int, console: Console | None = None) -> Named:
+        """Returns the sums of the step values over the epoch (batch means
+        weighted by the batch size) and ``count``, the number of images, on the
+        device.  The step values are read on the host once per
         ``log_interval`` steps and at the end of the epoch; a non-finite loss
         among them raises :class:`~codeq.errors.TrainingDiverged` (on every rank
         under DDP) naming the first bad step."""
@@ -273,7 +269,7 @@ class Trainer:
         self.generator.manual_seed(epoch_seed(cfg.seed + rank, epoch))
         if self.graph is not None:
             self.graph.reset()  # captured anew with this epoch's learning rates
-        totals = torch.zeros(3 + len(self.loss_terms) + 1, dtype=torch.float64)  # sums of values, count
+        totals = None  # the sums so far, on the host (Named, float64)
         window, sizes = [], []
         n_batches = len(self.train_loader)
         if console is not None:
@@ -287,30 +283,32 @@ class Trainer:
             if console is not None:
                 console.batch()
             if step % cfg.log_interval == 0 or step == n_batches:
-                self._read_window(window, sizes, totals, epoch, step, n_batches)
+                totals = self._read_window(window, sizes, totals, epoch, step, n_batches)
                 self.steer(epoch, step)
                 if console is not None and step < n_batches:
-                    n = totals[-1].item()
-                    console.progress(epoch, cfg.epochs, step, n_batches, totals[0].item() / n, totals[-2].item() / n)
+                    n = totals["count"].item()
+                    console.progress(epoch, cfg.epochs, step, n_batches, totals["loss"].item() / n,
+                                     totals["correct"].item() / n)
         if window:  # a loader shorter than its len()
-            self._read_window(window, sizes, totals, epoch, step, n_batches)
+            totals = self._read_window(window, sizes, totals, epoch, step, n_batches)
             self.steer(epoch, step)
-        k = len(self.loss_terms)
-        order = [0, 1, 2 + k, 3 + k] + list(range(2, 2 + k))  # loss, CE, correct, count, terms
-        return totals[order].to(self.device)
+        if totals is None:  # the step values name the sums: none without a step
+            raise ConfigError("the training set gave no batch; check the data set and dataset.train_size")
+        return Named(totals.names, totals.data.to(self.device))
 
-    def _read_window(self, window: list, sizes: list, totals: torch.Tensor, epoch: int, step: int,
-                     n_batches: int) -> None:
-        """Add the values of the last ``len(window)`` steps (up to ``step``) to
-        ``totals``; raise TrainingDiverged at the first non-finite one.  Empties
-        both lists."""
-        vals = torch.stack(window).double().cpu()  # the one host read of the window
-        bad = ~torch.isfinite(vals[:, :-1])
+    def _read_window(self, window: list, sizes: list, totals: Named | None, epoch: int, step: int,
+                     n_batches: int) -> Named:
+        """``totals`` (None: zeros) plus the values of the last ``len(window)``
+        steps (up to ``step``), with ``count``; raise TrainingDiverged at the
+        first non-finite value.  Empties both lists."""
+        names = window[0].names
+        vals = Named.rows(window).data.double().cpu()  # the one host read of the window
+        bad = ~torch.isfinite(vals)
         hit = None  # (step, rank, column) of the first non-finite value
         if bad.any():
             i = int(bad.any(1).nonzero()[0])
             cols = bad[i].nonzero().flatten().tolist()
-            col = next((c for c in cols if c > 0), 0)  # a part rather than the total it sums
+            col = next((c for c in cols if names[c] != "loss"), cols[0])  # a part rather than the total it sums
             hit = (step - len(window) + 1 + i, self.dist.rank, col)
             value = float(vals[i, col])
         if self.dist.enabled:  # every rank stops together, at the earliest bad step of any rank
@@ -322,7 +320,7 @@ class Trainer:
             hit = min(hits) if hits else None
         if hit is not None:
             bad_step, bad_rank, col = hit
-            what = self.value_names()[col]
+            what = self.describe(names[col])
             if bad_rank != self.dist.rank:
                 shown = "not finite"
             else:
@@ -331,91 +329,86 @@ class Trainer:
             raise TrainingDiverged(f"training diverged: {what} is {shown} at epoch {epoch + 1}/{self.cfg.epochs}, "
                                    f"step {bad_step}/{n_batches}{where}", epoch + 1, bad_step, what)
         bs = torch.tensor(sizes, dtype=torch.float64)
-        totals[:-2] += (vals[:, :-1] * bs[:, None]).sum(0)
-        totals[-2] += vals[:, -1].sum()
-        totals[-1] += bs.sum()
+        means = torch.tensor([n not in COUNTS for n in names])
+        sums = torch.empty(len(names), dtype=torch.float64)
+        sums[means] = (vals[:, means] * bs[:, None]).sum(0)
+        sums[~means] = vals[:, ~means].sum(0)
+        sums = torch.cat([sums, bs.sum().reshape(1)])
         window.clear()
         sizes.clear()
+        start = torch.zeros_like(sums) if totals is None else totals.data  # from +0.0 (-0.0 sums read 0.0)
+        return Named(names + ("count",), start + sums)
 
     @torch.no_grad()
-    def evaluate(self) -> torch.Tensor:
-        """Returns [CE sum, correct, count] over the validation set on the device.
-        The quantizers run once for the whole pass (one cached() block)."""
+    def evaluate(self) -> Named:
+        """Returns the sums of :data:`VAL_SUMS` and ``count``, the number of
+        images, over the validation set on the device (zeros for an empty
+        shard).  The quantizers run once for the whole pass (one cached() block)."""
         self.model.eval()
         dev = self.device
-        acc = torch.zeros(2, dtype=torch.float64, device=dev)
+        acc = torch.zeros(len(VAL_SUMS), dtype=torch.float64, device=dev)
         n = 0
         with parametrize.cached(), self.autocast():
             for x, y in self.val_loader:
                 x, y = self.batch(x, y)
                 logits = self.eval_net(x)
-                acc += torch.stack([
-                    F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                    (logits.argmax(1) == y).sum().double(),
-                ])
+                acc += torch.stack([value(logits, y).double() for value in VAL_SUMS.values()])
                 n += y.shape[0]
-        return torch.cat([acc, torch.tensor([float(n)], dtype=torch.float64, device=dev)])
+        count = torch.tensor([float(n)], dtype=torch.float64, device=dev)
+        return Named((*VAL_SUMS, "count"), torch.cat([acc, count]))
 
     @torch.no_grad()
-    def quant_stats_tensor(self) -> torch.Tensor:
-        """L x 5 on the device: sparsity (fraction of w_hat == 0), bit-width,
-        dead-zone width d, dead-zone fraction d/2a, number of weights."""
+    def quant_stats(self) -> Named:
+        """A row per quantized layer, on the device: sparsity (fraction of
+        w_hat == 0), bits, deadzone_width d, deadzone_fraction d/2a, numel
+        (NaN: a quantizer without that notion)."""
         rows = []
         nan = torch.tensor(float("nan"), device=self.device)
         with parametrize.cached():
             for _, module, q in self.quantized:
                 w_hat = module.weight
                 w = module.parametrizations["weight"].original
-                sparsity = (w_hat == 0).double().mean()
-                bits = q.get_bitwidth().to(self.device) if hasattr(q, "get_bitwidth") else nan
-                width = q.get_deadzone_width(w) if hasattr(q, "get_deadzone_width") else nan
-                frac = q.get_deadzone_fraction() if hasattr(q, "get_deadzone_fraction") else nan
-                rows.append(torch.stack([
-                    sparsity, bits.double(), width.double(), frac.double(),
-                    torch.tensor(float(w_hat.numel()), dtype=torch.float64, device=self.device),
-                ]))
-        if not rows:
-            return torch.zeros(0, 5, dtype=torch.float64, device=self.device)
-        return torch.stack(rows)
+                rows.append(Named.of({
+                    "sparsity": (w_hat == 0).double().mean(),
+                    "bits": (q.get_bitwidth().to(self.device) if hasattr(q, "get_bitwidth") else nan).double(),
+                    "deadzone_width": (q.get_deadzone_width(w) if hasattr(q, "get_deadzone_width") else nan).double(),
+                    "deadzone_fraction": (q.get_deadzone_fraction() if hasattr(q, "get_deadzone_fraction")
+                                          else nan).double(),
+                    "numel": torch.tensor(float(w_hat.numel()), dtype=torch.float64, device=self.device),
+                }))
+        return Named.rows(rows, self.device)
 
     @torch.no_grad()
-    def bops_tensor(self) -> torch.Tensor:
-        """L x 2 on the device for the layers of ``bops_layers``: the fraction
-        of output channels whose ŵ is all zero, and the bit-width of an enabled
-        quantizer (NaN: none)."""
+    def bops_stats(self) -> Named:
+        """A row per layer of ``bops_layers``, on the device: row_sparsity, the
+        fraction of output channels whose ŵ is all zero, and bits, the
+        bit-width of an enabled quantizer (NaN: none)."""
         rows = []
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.device)
         with parametrize.cached():
             for _, module, _, q in self.bops_layers:
-                pruned = (module.weight.flatten(1).abs().amax(1) == 0).double().mean()
                 active = q is not None and q.enabled and hasattr(q, "get_bitwidth")
-                bits = q.get_bitwidth().to(self.device).double() if active else nan
-                rows.append(torch.stack([pruned, bits]))
-        return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=self.device)
+                rows.append(Named.of({
+                    "row_sparsity": (module.weight.flatten(1).abs().amax(1) == 0).double().mean(),
+                    "bits": q.get_bitwidth().to(self.device).double() if active else nan,
+                }))
+        return Named.rows(rows, self.device)
 
-    def epoch_record(self, epoch: int, train: torch.Tensor, val: torch.Tensor, lrs: dict, seconds: float) -> dict:
+    def epoch_record(self, epoch: int, train: Named, val: Named, lrs: dict, seconds: float) -> dict:
+        """The epoch's line of metrics.jsonl from the sums of :meth:`train_epoch`
+        and :meth:`evaluate` and the model's state now."""
         with parametrize.cached():  # each quantizer once for all three
-            qs = self.quant_stats_tensor()
-            bops = self.bops_tensor()
-            meter = self.meter.values()
-        # The one device sync of the epoch.
-        flat = torch.cat([train, val, meter, qs.reshape(-1), bops.reshape(-1)]).cpu().tolist()
-        b_flat = flat[len(flat) - 2 * len(self.bops_layers):]
-        t_loss, t_ce, t_correct, t_n = flat[0:4]
-        k = len(train) - 4
-        terms = flat[4:4 + k]
-        v_ce, v_correct, v_n = flat[4 + k:7 + k]
-        compression = dict(zip(METRICS, flat[7 + k:7 + k + len(METRICS)]))
-        first_row = 7 + k + len(METRICS)
-        rows = [flat[first_row + 5 * i: first_row + 5 * i + 5] for i in range(len(self.quantized))]
+            layers, bops, meter = self.quant_stats(), self.bops_stats(), Named(METRICS, self.meter.values())
+        t, v, compression, rows, b_rows = read(train, val, meter, layers, bops)  # the one device sync of the epoch
+        n_t, n_v = max(t["count"], 1), max(v["count"], 1)
         rec = {
             "epoch": epoch + 1,
-            "train_loss": t_loss / max(t_n, 1),
-            "train_ce": t_ce / max(t_n, 1),
-            "train_acc": t_correct / max(t_n, 1),
-            "train_loss_terms": {name: v / max(t_n, 1) for name, v in zip(self.term_keys(), terms)},
-            "val_loss": v_ce / max(v_n, 1),
-            "val_acc": v_correct / max(v_n, 1),
+            "train_loss": t["loss"] / n_t,
+            "train_ce": t["ce"] / n_t,
+            "train_acc": t["correct"] / n_t,
+            "train_loss_terms": {term.key: t[term.value_name] / n_t for term in self.loss_terms},
+            "val_loss": v["ce"] / n_v,
+            "val_acc": v["correct"] / n_v,
             "lr": lrs.get("base", next(iter(lrs.values()))),
             "lrs": lrs,
             "epoch_time": seconds,
@@ -423,35 +416,29 @@ class Trainer:
             "relative_bops": compression["rel_bops"],
         }
         if self.bops_layers:
-            b = relative_bops([{"name": name, "macs": macs, "row_sparsity": b_flat[2 * i],
-                                "bits": b_flat[2 * i + 1] if b_flat[2 * i + 1] == b_flat[2 * i + 1] else None}
-                               for i, (name, _, macs, _) in enumerate(self.bops_layers)],
+            b = relative_bops([{"name": name, "macs": macs, "row_sparsity": r["row_sparsity"],
+                                "bits": _known(r["bits"])} for (name, _, macs, _), r in zip(self.bops_layers, b_rows)],
                               self.cfg.default_weight_bitrate, self.cfg.default_activation_bitrate)
             rec["published_bops"] = b["relative"]
             rec["published_bops_layers"] = b["layers"]
         if self.budget is not None:
             rec["budget"] = self.budget.record()
         if rows:
-            total = sum(r[4] for r in rows)
+            total = sum(r["numel"] for r in rows)
 
-            def mean(i):
-                vals = [r[i] for r in rows if r[i] == r[i]]  # skip NaN (quantizers without that notion)
+            def mean(stat):
+                vals = [r[stat] for r in rows if _known(r[stat]) is not None]
                 return sum(vals) / len(vals) if vals else None
 
             rec.update({
-                "sparsity_mean": mean(0),
-                "sparsity_total": sum(r[0] * r[4] for r in rows) / total,
-                "bits_mean": mean(1),
-                "deadzone_width_mean": mean(2),
-                "deadzone_fraction_mean": mean(3),
+                "sparsity_mean": mean("sparsity"),
+                "sparsity_total": sum(r["sparsity"] * r["numel"] for r in rows) / total,
+                "bits_mean": mean("bits"),
+                "deadzone_width_mean": mean("deadzone_width"),
+                "deadzone_fraction_mean": mean("deadzone_fraction"),
                 "layers": {
-                    name: {
-                        "sparsity": r[0],
-                        "bits": r[1] if r[1] == r[1] else None,
-                        "deadzone_width": r[2] if r[2] == r[2] else None,
-                        "deadzone_fraction": r[3] if r[3] == r[3] else None,
-                        "numel": int(r[4]),
-                    }
+                    # each statistic, NaN as None (sparsity as it is), numel an int
+                    name: {**{k: _known(v) for k, v in r.items()}, "sparsity": r["sparsity"], "numel": int(r["numel"])}
                     for (name, _, _), r in zip(self.quantized, rows)
                 },
             })
@@ -529,8 +516,9 @@ class Trainer:
                     self.scheduler.step()
                 val = self.evaluate()
                 if self.dist.enabled:  # sums over all ranks' shards: one all_reduce
-                    both = self.dist.all_reduce_sum(torch.cat([train, val]))
-                    train, val = both[:len(train)], both[len(train):]
+                    both = self.dist.all_reduce_sum(torch.cat([train.data, val.data]))
+                    k = len(train.names)
+                    train, val = Named(train.names, both[:k]), Named(val.names, both[k:])
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 rec = self.epoch_record(epoch, train, val, lrs, time.perf_counter() - t0)
@@ -643,7 +631,9 @@ class Trainer:
         out = console.line if console is not None else print
         self.model.eval()
         try:
-            rep = compression_report(self.model, example_input(self.cfg.img_size).to(self.device), act_bits=32)
+            # the b_a of the meter's relative BOPs (the epochs' relative_bops and a budget's metric)
+            rep = compression_report(self.model, example_input(self.cfg.img_size).to(self.device),
+                                     act_bits=self.meter.act_bits)
             out(format_report(rep))
             paths = save_report(rep, run_dir)
             out("report: " + ", ".join(str(p) for p in paths.values()))
@@ -651,6 +641,11 @@ class Trainer:
         except Exception as exc:
             warn(f"compression report failed: {type(exc).__name__}: {exc}")
             return None
+
+
+def _known(x: float) -> float | None:
+    """None for NaN (a quantizer without that notion), else x."""
+    return x if x == x else None
 
 
 def _summary_line(rec: dict, epochs: int) -> str:
