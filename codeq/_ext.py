@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from codeq._digest import source_digest
+from codeq._env import env_flag
 
 _C = None
 _LOAD_ERROR: str | None = None
@@ -87,7 +88,7 @@ _twin_checked = False
 
 
 def require_ext() -> bool:
-    return os.environ.get("CODEQ_REQUIRE_EXT", "0") not in ("", "0", "false", "False")
+    return env_flag("CODEQ_REQUIRE_EXT", False)
 
 
 def available() -> bool:
@@ -133,15 +134,8 @@ def has_kernel(device: torch.device | str) -> bool:
     if dev.type == "cpu":
         return True
     if dev.type == "cuda":
-        return bool(build_info().get("cuda")) and _has_cuda_impl()
+        return bool(build_info().get("cuda"))  # a CUDA build registers the CUDA kernels of every op
     return False
-
-
-def _has_cuda_impl() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("codeq::deadzone_forward", "CUDA")
-    except Exception:
-        return False
 
 
 def build_info() -> dict:

@@ -11,10 +11,11 @@ kernels altogether.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
+
+from codeq._env import env_flag
 
 __all__ = ["selfcheck", "device_ok"]
 
@@ -22,7 +23,7 @@ _RESULTS: dict = {}
 
 
 def _disabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("CODEQ_CUDA_KERNELS", "1") in ("0", "false", "False")
+    return device.type == "cuda" and not env_flag("CODEQ_CUDA_KERNELS", True)
 
 
 def _compare(device: torch.device) -> str | None:

@@ -7,10 +7,11 @@ runs its quantizer, and the group lasso reads the weights again; per layer
 that costs Python, autograd and dispatch, and on the CPU two more passes over
 every weight for the group lasso.  :class:`FusedWeights`
 computes all of it in one op call -- the same op a single quantizer calls with
-one layer -- and hands the results to the parametrizations through
-``torch.nn.utils.parametrize.cached()``, so the model itself runs unchanged and
-sees the tensors it would have computed (``benchmarks/results/
-ab_special_paths.md`` has what this saves).
+one layer -- and hands each quantizer its result for the block
+(``QuantizerBase.given``: its forward returns it), so the model itself runs
+unchanged and sees the tensors it would have computed; inside
+``torch.nn.utils.parametrize.cached()`` each is then read once
+(``benchmarks/results/ab_special_paths.md`` has what this saves).
 
 Which layers it takes: those whose only parametrization of ``weight`` is an
 enabled :class:`codeq.DeadZoneLDZCompander` (not a subclass that changes how
@@ -22,8 +23,8 @@ before, so the results never depend on whether the fast path ran;
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import warnings
 
 import torch
 from torch import nn
@@ -60,17 +61,15 @@ def _fusable(plist):
 
 
 class FusedWeights:
-    """Fills the parametrization cache with every fusable quantized weight of
-    ``model`` in one fused call.
+    """Computes every fusable quantized weight of ``model`` in one fused call.
 
     ``group_lasso``: the (module, lambda) pairs of a group lasso to compute
     along (what a term declares with ``register_loss(..., group_lasso_layers=)``,
-    for its kwargs), or None.  Use inside ``parametrize.cached()``::
+    for its kwargs), or None::
 
         fast = FusedWeights(model, group_lasso=codeq.losses.group_lasso_layers(model, 1e-3, 1e-3))
-        with parametrize.cached():
-            gl = fast.prefill()          # the group lasso over all layers (None without one)
-            logits = model(x)            # reads the cached quantized weights
+        with parametrize.cached(), fast.prefilled() as gl:   # gl: the group lasso (None without one)
+            logits = model(x)            # reads the quantized weights of the fused call
     """
 
     def __init__(self, model: nn.Module, group_lasso: list | None = None):
@@ -78,35 +77,33 @@ class FusedWeights:
         self.modules = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
         self.gl_layers = group_lasso  # (module, lambda) of every layer the group lasso covers
         self.gl_lambda = {id(m): lam for m, lam in self.gl_layers or ()}
-        self.enabled = _ext._C is not None and hasattr(parametrize, "_cache")
-        self._checked = False
+        self.enabled = _ext._C is not None
 
-    def prefill(self):
-        """Quantize every fusable weight into the parametrization cache; returns
+    @contextlib.contextmanager
+    def prefilled(self):
+        """For the block: every fusable weight quantized in one call and handed
+        to its quantizer (whose forward returns it until the block ends); yields
         the group-lasso term over the whole model (the fused layers plus the
-        others) when a group lasso was given, else None.  Must run inside
-        ``parametrize.cached()``."""
-        if not self.enabled:
-            return None
-        if not parametrize._cache_enabled:
-            raise RuntimeError("FusedWeights.prefill() must run inside torch.nn.utils.parametrize.cached()")
-        fused = [(m, *f) for m in self.modules for f in [_fusable(m.parametrizations["weight"])] if f is not None]
-        if len({w.device for _, _, w in fused}) > 1:
-            fused = []  # spread over devices: leave it to the parametrizations
+        others) when a group lasso was given, else None."""
+        fused = []
+        if self.enabled:
+            fused = [(m, *f) for m in self.modules for f in [_fusable(m.parametrizations["weight"])] if f is not None]
+            if len({w.device for _, _, w in fused}) > 1:
+                fused = []  # spread over devices: leave it to the parametrizations
         lams = [self.gl_lambda.get(id(m), 0.0) for m, _, _ in fused]
         gl = None
-        if fused:
-            w_hat, gl, _ = ops.deadzone([w for _, _, w in fused], [q for _, q, _ in fused], lams)
-            for (m, _, _), t in zip(fused, w_hat):
-                parametrize._cache[(id(m), "weight")] = t
-            if not self._checked:
-                self._checked = True
-                if fused[0][0].weight is not w_hat[0]:  # torch changed its parametrization cache: stay correct
-                    warnings.warn("codeq: the fused weight path does not reach torch's parametrization cache in "
-                                  f"torch {torch.__version__}; using the per-layer path", stacklevel=2)
-                    self.enabled = False
-                    parametrize._cache.clear()
-                    return None
+        try:
+            if fused:
+                w_hat, gl, _ = ops.deadzone([w for _, _, w in fused], [q for _, q, _ in fused], lams)
+                for (_, q, _), t in zip(fused, w_hat):
+                    q.given = t
+            yield self._group_lasso(fused, lams, gl)
+        finally:
+            for _, q, _ in fused:
+                q.given = None
+
+    def _group_lasso(self, fused, lams, gl):
+        """The group lasso over the whole model: the fused call's part plus the layers it did not cover."""
         if self.gl_layers is None:
             return None
         # The group lasso of the layers the fused call did not cover.

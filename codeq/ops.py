@@ -39,9 +39,10 @@ if _ext._C is not None:
 
     @torch.library.register_fake("codeq::deadzone_forward")
     def _deadzone_forward_fake(w, logit_dz, logit_bit, fixed_bit, min_bits, max_bits, learnable_bit, gl_lambda):
-        torch._check(len(w) > 0, lambda: "codeq.deadzone_forward: got no weights")
-        for x in w:
-            torch._check(x.numel() > 0, lambda: "codeq.deadzone_forward: the weight tensor is empty")
+        if not len(w):
+            raise RuntimeError("codeq.deadzone_forward: got no weights")
+        if any(x.numel() == 0 for x in w):
+            raise RuntimeError("codeq.deadzone_forward: the weight tensor is empty")
         scalars = [x.new_empty((len(SCALAR_NAMES),), dtype=_compute_dtype(x.dtype)) for x in w]
         norms = [x.new_empty((x.numel() // x.shape[0] if lam != 0.0 else 0,), dtype=_compute_dtype(x.dtype))
                  for x, lam in zip(w, gl_lambda)]

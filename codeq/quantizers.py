@@ -40,15 +40,20 @@ def _check_bits(owner: str, name: str, v) -> None:
 
 class QuantizerBase(nn.Module):
     """A weight quantizer: ``forward(w) -> w_hat`` while ``enabled``, else ``w``.
-    Subclasses implement ``_quantize``."""
+    Subclasses implement ``_quantize``.  ``given``: ŵ computed elsewhere for
+    the current step (the fast path's one call for all layers,
+    codeq/fastpath.py), returned instead while it is set."""
 
     def __init__(self):
         super().__init__()
         self.enabled = True
+        self.given = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if self.given is not None:
+            return self.given
         return self._quantize(w)
 
     def _quantize(self, w: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ def test_the_import_graph_has_no_cycle():
             walk(m, [m])
 
 
-@pytest.mark.parametrize("leaf", ["codeq.registry", "codeq.reference", "codeq.errors", "codeq._io", "codeq._digest"])
+@pytest.mark.parametrize("leaf", ["codeq.registry", "codeq.reference", "codeq.errors", "codeq._io", "codeq._digest", "codeq._env"])
 def test_leaves_import_nothing_of_codeq(leaf):
     assert GRAPH[leaf] == [], f"{leaf} imports {GRAPH[leaf]}"
 

@@ -57,13 +57,14 @@ def cfg_dict(tmp_path, **over) -> dict:
     return d
 
 
-def torchrun(args, cwd, nproc=2, env=None, timeout=TIMEOUT):
+def torchrun(args, cwd, nproc=2, env=None, timeout=TIMEOUT, script=None):
+    """run_training.py (or ``script``) under torchrun with ``nproc`` CPU processes."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.pop("WORLD_SIZE", None)
     e.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(REPO, "run_training.py")] + list(args)
+           script or os.path.join(REPO, "run_training.py")] + list(args)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=e, timeout=timeout)
     r.seconds = time.monotonic() - t0
@@ -223,7 +224,18 @@ def test_crashing_rank_ends_the_job(tmp_path):
     """Rank 1 raises at its first step while rank 0 waits in the gradient
     all-reduce: the job exits non-zero, well within the timeout, no checkpoint."""
     cfg = write(tmp_path, cfg_dict(tmp_path, epochs=1))
-    r = torchrun(["--config", cfg], cwd=tmp_path, env={"CODEQ_TEST_CRASH_RANK": "1"}, timeout=90)
+    crash = tmp_path / "crash_rank1.py"  # the trainer's CLI with rank 1's training step made to fail
+    crash.write_text(
+        "import os, sys\n"
+        "from codeq.train.cli import main\n"
+        "from codeq.train.trainer import Trainer\n"
+        "def step(self, x, y):\n"
+        "    if self.dist.rank == 1:\n"
+        "        raise RuntimeError('simulated crash on rank 1')\n"
+        "    return Trainer.train_step(self, x, y)\n"
+        "Trainer.step = step\n"
+        "sys.exit(main())\n")
+    r = torchrun(["--config", cfg], cwd=tmp_path, timeout=90, script=str(crash))
     assert r.returncode != 0, r.stdout + r.stderr
     assert "simulated crash on rank 1" in r.stderr
     assert r.seconds < 60, r.seconds

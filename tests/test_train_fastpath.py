@@ -3,6 +3,8 @@ parametrize.cached(), all layers' group lasso in one fused call) computes the sa
 loss and gradients as the straightforward one (pure-PyTorch reference quantizers,
 reference group lasso, every weight access re-quantizing)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,8 +288,7 @@ def test_hooked_or_subclassed_quantizers_keep_their_own_path():
     orig = DeadZoneLDZCompander._quantize
     DeadZoneLDZCompander._quantize = lambda self, w: own_path.append(self) or orig(self, w)
     try:
-        with parametrize.cached():
-            gl = fast.prefill()
+        with parametrize.cached(), fast.prefilled() as gl:
             out = model(x)
     finally:
         DeadZoneLDZCompander._quantize = orig
@@ -301,32 +302,39 @@ def test_hooked_or_subclassed_quantizers_keep_their_own_path():
     assert out.shape == (4, 10)
 
 
-def test_fast_path_turns_itself_off_if_torch_cache_is_unreachable():
-    """If a torch version no longer serves the parametrization cache the way
-    FusedWeights fills it, the fast path warns once and steps aside: the step
-    still computes the right loss (through the parametrizations)."""
+def test_fast_path_results_live_for_the_block_only(seed):
+    """The fused results are handed to the quantizers for one block: afterwards
+    no quantizer holds one, and a weight changed after the block is quantized
+    afresh (never a stale result), with or without parametrize.cached()."""
     from torch.nn.utils import parametrize
 
     from codeq.fastpath import FusedWeights
+    from codeq.parametrize import iter_quantizers
 
-    class NoWrites(dict):
-        def __setitem__(self, key, value):
-            pass
-
+    torch.manual_seed(seed)
     model = build_model(config("mlp"))
-    fast = FusedWeights(model, group_lasso=group_lasso_layers(model, 1e-3, 0.0))
+    fast = FusedWeights(model)
+    qs = [q for _, _, q in iter_quantizers(model)]
     x = torch.randn(4, 3, 32, 32)
-    with parametrize.cached():
-        parametrize._cache = NoWrites()
-        with pytest.warns(UserWarning, match="per-layer path"):
-            assert fast.prefill() is None
-        assert not fast.enabled
+    with fast.prefilled():  # no cached(): every read returns the fused result
+        assert all(q.given is not None for q in qs)
+        first = model.net.fc1.weight
+        assert model.net.fc1.weight is first
         out = model(x)
-    with parametrize.cached():
-        assert fast.prefill() is None  # stays off, silently
+    assert all(q.given is None for q in qs)
+    with torch.no_grad():
+        model.net.fc1.parametrizations.weight.original.mul_(0.5)
     with parametrize.cached():
         ref = model(x)
-    torch.testing.assert_close(out, ref)
+    assert not torch.equal(out, ref)
+    with parametrize.cached(), fast.prefilled():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    try:
+        with fast.prefilled():
+            raise KeyboardInterrupt  # an exception inside the block still releases them
+    except KeyboardInterrupt:
+        pass
+    assert all(q.given is None for q in qs)
 
 
 def test_fast_path_follows_a_state_dict_load_between_steps(seed):
@@ -340,16 +348,14 @@ def test_fast_path_follows_a_state_dict_load_between_steps(seed):
     model = build_model(config("mlp", learnable_bit=False))
     fast = FusedWeights(model)
     x = torch.randn(4, 3, 32, 32)
-    with parametrize.cached():
-        fast.prefill()
+    with parametrize.cached(), fast.prefilled():
         model(x)
     sd = model.state_dict()
     for k in sd:
         if k.endswith("fixed_bit"):
             sd[k] = torch.tensor(2.0)
     model.load_state_dict(sd)
-    with parametrize.cached():
-        fast.prefill()
+    with parametrize.cached(), fast.prefilled():
         out = model(x)
     ref = build_model(config("mlp", learnable_bit=False))
     ref.load_state_dict(sd)
@@ -370,14 +376,12 @@ def test_fast_path_follows_a_replaced_logit_parameter(seed):
     model = build_model(config("mlp"))
     fast = FusedWeights(model, group_lasso=group_lasso_layers(model, 1e-3, 0.0))
     x = torch.randn(4, 3, 32, 32)
-    with parametrize.cached():
-        fast.prefill()
+    with parametrize.cached(), fast.prefilled():
         model(x).sum().backward()
     q = [q for _, _, q in iter_quantizers(model)][1]
     q.logit_dz = nn.Parameter(torch.tensor(0.4))
     q.logit_bit = nn.Parameter(torch.tensor(-1.1))
-    with parametrize.cached():
-        gl = fast.prefill()
+    with parametrize.cached(), fast.prefilled() as gl:
         (model(x).sum() + gl).backward()
     g_dz, g_bit = q.logit_dz.grad.clone(), q.logit_bit.grad.clone()
     assert g_dz.abs() > 0 and g_bit.abs() > 0
@@ -416,9 +420,8 @@ def test_fast_path_rereads_logits_that_are_not_parameters(seed):
     original = layer.parametrizations.weight.original
     for value in (1.5, 0.3):
         q.logit_dz = torch.tensor(value)  # a new buffer tensor each time
-        with parametrize.cached():
-            fast.prefill()
-            assert (id(layer), "weight") in parametrize._cache  # fused
+        with parametrize.cached(), fast.prefilled():
+            assert q.given is not None  # fused
             w_fast = layer.weight.detach().clone()
         want = DeadZoneLDZCompander.forward(q, original).detach()
         assert torch.equal(w_fast, want), value
@@ -450,8 +453,8 @@ def test_loss_term_weight_is_applied_exactly(lam, fused, seed):
     loss_a.backward()
 
     kw = cfg.loss_terms[0].kwargs
-    with parametrize.cached():
-        gl = FusedWeights(b, group_lasso=group_lasso_layers(b, **kw)).prefill() if fused else None
+    fast = FusedWeights(b, group_lasso=group_lasso_layers(b, **kw)).prefilled() if fused else contextlib.nullcontext()
+    with parametrize.cached(), fast as gl:
         ce_b = F.cross_entropy(b(x), y)
         term = gl if fused else codeq.LOSS_REGISTRY["group_lasso"](b, **kw)
         loss_b = ce_b + lam * term  # the product always taken

@@ -189,7 +189,7 @@ def test_per_group_optimizer_from_a_config():
     cfg = config_from_dict(d)
     opt = build_optimizer(cfg, build_run_model(cfg))
     assert isinstance(opt, PerGroupOptimizer) and not graph_capable(cfg)
-    assert [type(p).__name__ for p in opt.parts] == ["SGD", "AdamW"]
+    assert [type(p).__name__ for p in opt.parts] == ["SGD", "LeanAdamW"]
     assert [(g["name"], g["lr"]) for g in opt.parts[1].param_groups] == [("dz", 0.01), ("bit", 0.02)]
     assert opt.param_groups[1]["betas"] == (0.8, 0.99)
     bad = copy.deepcopy(d)
@@ -235,3 +235,14 @@ def test_warmup_then_the_schedule(sched):
             config_from_dict({**d, "lr_scheduler": "step3"})
     finally:
         del SCHEDULER_REGISTRY["step3"]
+
+
+def test_the_private_torch_names_of_the_lean_step_exist():
+    """The lean step calls private torch functions (kept: benchmarks/results/ab_special_paths.md,
+    "lean fused AdamW step"); a torch without them gets torch's own optimizers, and this fails."""
+    from codeq.train.optim import LEAN_TORCH_NAMES, LeanAdamW
+
+    missing = [n for n in LEAN_TORCH_NAMES if not callable(getattr(torch, n, None))]
+    assert not missing, (f"torch {torch.__version__} has no torch.{', torch.'.join(missing)}: codeq's lean fused "
+                         "Adam/AdamW step (codeq/train/optim.py) is off; port it or remove it")
+    assert lean_class(torch.optim.AdamW) is LeanAdamW

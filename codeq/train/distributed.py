@@ -54,13 +54,11 @@ __all__ = [
     "init_distributed",
     "resolve_device",
     "DEFAULT_TIMEOUT_MIN",
-    "TEST_CRASH_ENV",
 ]
 
 DEFAULT_TIMEOUT_MIN = 30.0
 # Test-only hook: a rank whose number equals this variable raises at its first
 # training step (tests/test_train_ddp.py checks that the whole job then exits).
-TEST_CRASH_ENV = "CODEQ_TEST_CRASH_RANK"
 
 
 @dataclass(frozen=True)
@@ -278,9 +276,3 @@ def resolve_device(name: str, ctx: DistContext | None = None) -> torch.device:
                           "--device cpu")
     return dev
 
-
-def maybe_test_crash(rank: int, epoch: int, step: int) -> None:
-    """Test-only: raise on the rank named by CODEQ_TEST_CRASH_RANK at its first step."""
-    want = os.environ.get(TEST_CRASH_ENV)
-    if want is not None and step == 1 and want.strip() == str(rank):
-        raise RuntimeError(f"{TEST_CRASH_ENV}={want}: simulated crash on rank {rank} (test hook)")

@@ -23,6 +23,8 @@ import ctypes
 import os
 import sys
 
+from codeq._env import env_flag
+
 __all__ = ["tune_malloc", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 MMAP_THRESHOLD = 32 << 20
@@ -39,7 +41,7 @@ def tune_malloc() -> bool:
     if _state is not None:
         return _state
     _state = False
-    if os.environ.get("CODEQ_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_flag("CODEQ_MALLOC_TUNING", True):
         return False
     if not sys.platform.startswith("linux"):
         return False

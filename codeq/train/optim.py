@@ -10,7 +10,8 @@ one ``_foreach_add_`` per group), a visible part of a small model's step
 every group's step counters with one ``_foreach_add_`` and calls the same fused
 kernel (``torch._fused_adamw_`` / ``torch._fused_adam_``) per group with the
 same arguments, so the update is bit for bit torch's
-(``tests/test_train_optim.py``).  Anything else -- state not yet created, AMP's
+(``tests/test_train_optim.py``, which also fails, naming them, when a torch
+lacks these private names; the optimizers are then torch's own).  Anything else -- state not yet created, AMP's
 ``grad_scale``/``found_inf``, a closure, amsgrad, tensor hyper-parameters,
 capturable or differentiable groups, mixed devices or dtypes in a group --
 takes torch's own ``step()``.
@@ -26,8 +27,10 @@ from torch import nn
 from codeq.errors import ConfigError
 from codeq.registry import OPTIMIZER_REGISTRY, SCHEDULER_REGISTRY
 
-__all__ = ["warmup_then", "WARMUP_SCHEDULERS", "LeanFusedStep", "lean_class", "PerGroupOptimizer", "split_param_groups", "build_optimizer",
-           "build_scheduler", "graph_capable", "graph_capable_class"]
+__all__ = ["warmup_then", "WARMUP_SCHEDULERS", "LeanFusedStep", "LeanAdam", "LeanAdamW", "LEAN_TORCH_NAMES",
+           "lean_class", "PerGroupOptimizer", "split_param_groups", "build_optimizer", "build_scheduler",
+           "graph_capable", "graph_capable_class"]
+
 
 def warmup_then(cfg):
     """The learning-rate factor of epoch ``e`` (epochs done) with ``cfg.warmup_epochs``
@@ -120,16 +123,24 @@ class LeanFusedStep:
         return None
 
 
-_CLASSES: dict = {}
+class LeanAdam(LeanFusedStep, torch.optim.Adam):
+    """``torch.optim.Adam(fused=True)`` with the lean step."""
+
+
+class LeanAdamW(LeanFusedStep, torch.optim.AdamW):
+    """``torch.optim.AdamW(fused=True)`` with the lean step."""
+
+
+# The private torch names the lean step calls.  Where a torch lacks one, the
+# optimizers are torch's own (tests/test_train_optim.py fails, naming it).
+LEAN_TORCH_NAMES = ("_fused_adam_", "_fused_adamw_", "_foreach_add_")
+_LEAN = {torch.optim.Adam: LeanAdam, torch.optim.AdamW: LeanAdamW} \
+    if all(hasattr(torch, n) for n in LEAN_TORCH_NAMES) else {}
 
 
 def lean_class(cls):
     """``cls`` with the lean fused step (torch.optim.Adam / AdamW exactly; other classes unchanged)."""
-    if cls not in (torch.optim.Adam, torch.optim.AdamW):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(cls.__name__, (LeanFusedStep, cls), {"__module__": __name__, "__doc__": cls.__doc__})
-    return _CLASSES[cls]
+    return _LEAN.get(cls, cls)
 
 
 def split_param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

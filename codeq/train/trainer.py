@@ -7,6 +7,7 @@ epoch values are named where they are made and read by name
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,7 +34,7 @@ from codeq.report import METRICS, CompressionMeter, compression_report, format_r
 from codeq.train.budget import BudgetController, Knob, group_setting
 from codeq.train.config import Config, ConfigError, check_resume_compatible, config_to_dict
 from codeq.train.data import build_datasets, build_loaders
-from codeq.train.distributed import DistContext, check_sync_bn, maybe_test_crash, resolve_device
+from codeq.train.distributed import DistContext, check_sync_bn, resolve_device
 from codeq.train.graph import GraphStep
 from codeq.train.logging import Console, MetricsFile, WandbLogger, warn
 from codeq.train.malloc import tune_malloc
@@ -79,7 +80,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: torch.device, model: nn.Module, optimizer, scheduler,
                  train_loader, val_loader, generator: torch.Generator, dist: DistContext | None = None):
-        tune_malloc()  # no page faults on the step's large CPU tensors (codeq/train/malloc.py)
+        if device.type == "cpu":
+            tune_malloc()  # no page faults on the step's large CPU tensors (codeq/train/malloc.py; measured there)
         self.cfg = cfg
         self.device = device
         self.model = model  # the unwrapped model: state dicts, loss terms, statistics, report
@@ -206,8 +208,8 @@ class Trainer:
         the block is autocast; the cross-entropy takes float32 logits."""
         if self.fast_term is not None and self.fast_term.kwargs != self._fused_kwargs:
             self._fuse(self.fast_term)  # a knob moved the fused term's lambdas
-        with parametrize.cached(), self.autocast():
-            fused_gl = self.fast.prefill() if self.fast is not None else None
+        fast = self.fast.prefilled() if self.fast is not None else contextlib.nullcontext()
+        with parametrize.cached(), self.autocast(), fast as fused_gl:
             logits = self.net(x)
             ce = F.cross_entropy(logits.float(), y)
             loss = ce
@@ -276,7 +278,6 @@ class Trainer:
             console.start_epoch(epoch, cfg.epochs, n_batches)
         step = 0
         for step, (x, y) in enumerate(self.train_loader, 1):
-            maybe_test_crash(rank, epoch, step)
             x, y = self.batch(x, y)
             window.append(self.step(x, y))
             sizes.append(y.shape[0])
