@@ -14,7 +14,7 @@ Each (row, seed) is one ``run_training.py`` process writing ``RUNS/<row>-seed<s>
 a finished run is reused, an unfinished one resumed (``--resume``), so the command can be
 stopped and started again.  Then every run is collected into ``--json`` as
 ``{"table", "runs": [...]}``, one record per run (row, seed, epochs, val_acc, rel_bops,
-mean_bits, sparsity, export, export_val_acc, config, overrides, commit), and with
+mean_bits, sparsity, export, export_val_acc, train_hours, config, budget, commit), and with
 ``--results DIR`` its metrics.jsonl, config, compression report, pictures and compact
 export are copied to ``DIR/<row>-seed<s>/``; the runs chart goes to ``DIR``.
 
@@ -157,7 +157,7 @@ def commit() -> str:
         return "unknown"
 
 
-def collect(row: str, seed: int | None, run_dir: str, results: str | None, device: str) -> dict:
+def collect(row: str, seed: int | None, run_dir: str, results: str | None, code: str) -> dict:
     """One run as a record; its files (and compact export) copied to ``results/<name>`` when given."""
     cfg = load_config(os.path.join(run_dir, "config.yaml"), device="cpu")
     recs = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
@@ -192,7 +192,7 @@ def collect(row: str, seed: int | None, run_dir: str, results: str | None, devic
         "train_hours": sum(r["epoch_time"] for r in recs) / 3600,
         "config": os.path.relpath(os.path.join(out_dir, "config.yaml"), ROOT),
         "budget": last.get("budget"),
-        "commit": commit(),
+        "commit": code,
         "run_dir": os.path.relpath(run_dir, ROOT),
     }
     if abs(export_acc - last["val_acc"]) > 0:
@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="the records (default: RESULTS/table<N>.json or RUNS/table<N>.json)")
     p.add_argument("--collect", nargs="+", metavar="ROW=RUN_DIR", default=None,
                    help="collect these finished runs instead of training")
+    p.add_argument("--commit", default=None, help="the commit the runs were trained at (default: this checkout's "
+                   "HEAD, for runs this command trains)")
     args = p.parse_args(argv)
     rows = {r.name: r for r in TABLES[args.table][1]}
     unknown = [r for r in args.rows if r not in rows]
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
         for name in args.rows:
             for seed in args.seeds:
                 runs.append((name, seed, train(rows[name], seed, args.table, args)))
-    records = [collect(row, seed, d, args.results, args.device) for row, seed, d in runs]
+    code = args.commit or commit()
+    records = [collect(row, seed, d, args.results, code) for row, seed, d in runs]
     out = args.json or os.path.join(args.results or args.runs, f"table{args.table}.json")
     write_json(out, {"table": args.table, "title": TABLES[args.table][0], "runs": records})
     print(table_text(args.table, records))

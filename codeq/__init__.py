@@ -59,6 +59,7 @@ def info() -> dict:
         "extension_error": _ext._LOAD_ERROR,
         "extension_path": getattr(_ext._C, "__file__", None),
         "built_with_torch": b.get("torch_built_with"),
+        "source_digest": b.get("source_digest"),
         "cuda_built": bool(b.get("cuda", False)),
         "cuda_archs": b.get("cuda_archs") or None,
         "openmp": b.get("openmp"),

@@ -146,3 +146,29 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     env["STEPS"] = "nonsense,train"  # refused before any step runs
     r = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "unknown step 'nonsense'" in r.stdout
+
+
+def test_paper_table_trains_collects_and_resumes(tmp_path, bench_path, capsys):
+    """paper_table.py: each (row, seed) one trainer run, collected into the table's JSON beside the
+    paper's numbers, exports that load and score as the run did; run again, it reuses the runs."""
+    import paper_table
+
+    args = ["--table", "2", "--device", "cpu", "--epochs", "2", "--warmup", "1", "--seeds", "0",
+            "--rows", "baseline", "fixed4_budget", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res"), "--set", "model=mlp", "--set", "dataset.name=synthetic",
+            "--set", "dataset.train_size=128", "--set", "dataset.val_size=64", "--set", "batch_size=32"]
+    assert paper_table.main(args) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "res" / "table2.json").read_text())
+    runs = {r["run"]: r for r in data["runs"]}
+    assert set(runs) == {"baseline", "fixed4_budget"}
+    for r in runs.values():
+        assert r["epochs"] == 2 and r["seed"] == 0 and 0 <= r["val_acc"] <= 1
+        assert r["export_val_acc"] == r["val_acc"]  # the compact export scores as the run did
+        assert os.path.isfile(os.path.join(paper_table.ROOT, r["export"], "layout.json"))
+    assert runs["baseline"]["rel_bops"] == 1.0 and runs["baseline"]["mean_bits"] is None
+    assert runs["fixed4_budget"]["mean_bits"] == 4.0 and runs["fixed4_budget"]["budget"]["final_target"] == 0.0295
+    assert "| fixed4_budget | 2 | 1 | 91.88 ± 0.15 |" in out  # beside the paper's number
+    assert (tmp_path / "res" / "accuracy_vs_bops.png").is_file()
+    assert paper_table.main(args) == 0  # everything finished: reused, not trained again
+    assert capsys.readouterr().out.count("finished earlier") == 2
