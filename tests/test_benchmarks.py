@@ -172,3 +172,31 @@ def test_paper_table_trains_collects_and_resumes(tmp_path, bench_path, capsys):
     assert (tmp_path / "res" / "accuracy_vs_bops.png").is_file()
     assert paper_table.main(args) == 0  # everything finished: reused, not trained again
     assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_bench_onnx_writes_json(tmp_path, bench_path, capsys):
+    """bench_onnx.py on a trained checkpoint: the sizes of every format, ONNX Runtime's load time,
+    memory and latency against the fp32 ONNX, and the agreement with PyTorch on the test images."""
+    pytest.importorskip("onnxruntime", reason="the ONNX export's optional packages (pip install 'codeq[onnx]')")
+    import bench_onnx
+    from codeq.train.cli import main as train_main
+    import yaml
+
+    cfg = {"model": "mlp", "model_kwargs": {"hidden": [16]}, "epochs": 1, "batch_size": 16, "device": "cpu",
+           "workers": 0, "save_dir": str(tmp_path / "runs"), "run_name": "m",
+           "dataset": {"name": "synthetic", "train_size": 32, "val_size": 40},
+           "quantizer": {"name": "deadzone", "kwargs": {"fixed_bit_val": 4, "learnable_bit": False}},
+           "optimizer": {"type": "adamw", "param_groups": {"base": {"lr": 0.001}}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(tmp_path / "c.yaml")]) == 0
+    (run,) = os.listdir(tmp_path / "runs")
+    out = tmp_path / "o.json"
+    assert bench_onnx.main([str(tmp_path / "runs" / run / "checkpoint.th"), "--rounds", "1", "--reps", "2",
+                            "--loads", "1", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["bits"] == [4] and r["integer_types"] == ["INT4"]
+    assert set(r["bytes"]) == {"fp32_onnx", "codeq_onnx", "codeq_onnx_qdq", "codeq_onnx_gzip", "codeq_compact"}
+    assert r["ratio_to_fp32_onnx"]["codeq_onnx"] < 0.5
+    assert set(r["latency_ms"]) == {f"{v}_batch{b}" for v in ("fp32", "codeq", "codeq_qdq") for b in (1, 64)}
+    assert r["test_set"]["images"] == 40 and r["test_set"]["agreement"] == 1.0
+    assert "| m-" in capsys.readouterr().out
