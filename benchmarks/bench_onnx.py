@@ -17,7 +17,8 @@ Per checkpoint:
   grown by creating one session (a fresh process per file, so one file's
   allocations do not hide another's), and the median latency of one run at
   batch 1 and 64, the variants timed round-robin (``--rounds`` rounds of
-  ``--reps`` runs each) so that machine drift hits all alike;
+  ``--reps`` runs each) so that machine drift hits all alike, their threads
+  not spinning between runs (the sessions share the cores);
 - agreement: the predicted class of codeq's ONNX (ONNX Runtime) and of the
   quantized model (PyTorch) on every test image of the run's data set, and
   both accuracies.
@@ -72,6 +73,8 @@ def session(path: str, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # Idle sessions' threads must not spin while another session runs (the variants share the cores).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 

@@ -21,7 +21,8 @@ Before the file is written (atomically): ``onnx.checker`` with ``full_check``,
 every quantized weight present as INT4/INT8, ONNX Runtime (CPU provider)
 rebuilding each ŵ bit for bit and matching PyTorch's outputs on the example
 input within ``1e-4`` of the largest logit.  :func:`check_onnx` re-runs the
-checks on a file (``python -m codeq.export --check OUT.onnx``).
+checks on a file (``python -m codeq.export --check OUT.onnx``), against the
+PyTorch output the file records.
 
 Needs the optional packages onnx, onnxscript and onnxruntime
 (``pip install 'codeq[onnx]'``); without them the functions raise an
@@ -30,6 +31,7 @@ ExportError naming the missing ones.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import io
@@ -46,7 +48,7 @@ from codeq._io import atomic_write_bytes, json_safe
 from codeq.checkpoint import load_model
 from codeq.errors import ConfigError, ExportError
 from codeq.levels import dequantize, integer_levels, plain_state_dict, quantized_weights
-from codeq.models import build_model, example_input
+from codeq.models import example_input
 from codeq.parametrize import strip_quantizers
 
 __all__ = ["export_onnx", "export_checkpoint_onnx", "check_onnx", "format_summary", "missing_packages", "FORMS", "OPSET",
@@ -77,15 +79,18 @@ def _one_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------- the graph --
-def _torch_export(plain: nn.Module, x: torch.Tensor, weights: set):
-    """The fp32 ONNX model proto of ``plain`` (batch dimension dynamic): torch's
-    graph with its constant subgraphs folded (the zero biases and shape
-    arithmetic an unoptimized export spells out) but nothing rewritten that
-    reads the values of ``weights`` (the quantized weights' names) -- no batch
-    norm folded into one, unlike torch's default ``optimize``, no transpose of
-    one stored in its place -- and
-    without the exporter's per-node metadata (stack traces: a sixth of a small
-    model's file)."""
+def _torch_export(plain: nn.Module, x: torch.Tensor, w_hats: dict):
+    """The fp32 ONNX model proto of ``plain`` (batch dimension dynamic) with
+    the quantized weights ``w_hats`` ({state-dict key: ŵ}) left out: each is a
+    free name its consumers read, for the caller to define.
+
+    Each must be an initializer of torch's graph equal to ŵ (ExportError
+    naming the first that is not).  They are made graph inputs while onnxscript
+    optimizes the rest (constant folding, the simplifications of torch's own
+    ``optimize``): an input is not a constant, so nothing folds into it (no
+    batch norm into a weight, no transposed copy in its place).  The
+    exporter's per-node metadata (stack traces: a sixth of a small model's
+    file) is dropped."""
     from onnxscript import ir, optimizer
 
     try:
@@ -93,11 +98,30 @@ def _torch_export(plain: nn.Module, x: torch.Tensor, weights: set):
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(plain, (x,), dynamo=True, optimize=False, opset_version=OPSET,
                                      dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
-            optimizer.fold_constants(prog.model, should_fold=lambda node: None if node.op_type == "Shape" else (
-                False if any(v is not None and v.name in weights for v in node.inputs) else None))
-            optimizer.remove_unused_nodes(prog.model)
     except Exception as e:  # noqa: BLE001 -- whatever torch.export / the exporter raise, as one line
         raise ExportError(f"torch.onnx.export failed: {_one_line(e)}") from None
+    graph = prog.model.graph
+    weights = []
+    for key, w in w_hats.items():
+        v = graph.initializers.get(key)
+        if v is None or v.const_value is None:
+            raise ExportError(f"{key} is not a weight of the exported graph (the exporter rewrote or folded it); "
+                              "its integers could not be stored")
+        stored = v.const_value.numpy()
+        if stored.dtype != np.float32 or not _same_bits(stored, w.cpu().numpy()):
+            raise ExportError(f"{key} in the exported graph is not the quantizer's ŵ (the exporter changed it)")
+        graph.initializers.pop(key)
+        v.const_value = None
+        graph.inputs.append(v)
+        weights.append(v)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            optimizer.optimize(prog.model)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"optimizing the exported graph failed: {_one_line(e)}") from None
+    for v in weights:
+        graph.inputs.remove(v)
     proto = ir.serde.serialize_model(prog.model)
     for node in proto.graph.node:  # names are optional; the values' names say what the graph does
         del node.metadata_props[:]
@@ -195,21 +219,12 @@ def _build(model: nn.Module, x: torch.Tensor, form: str, config: dict | None):
     from onnx import numpy_helper
 
     levels = _levels_of_model(model)
-    proto = _torch_export(strip_quantizers(model).eval(), x, set(levels))
+    proto = _torch_export(strip_quantizers(model).eval(), x, {k: w for k, (_, w) in levels.items()})
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
     nodes, layers = [], {}
     for i, (key, (lv, w_hat)) in enumerate(levels.items()):
-        init = inits.get(key)
-        if init is None:
-            raise ExportError(f"{key} is not a weight of the exported graph (the exporter rewrote or folded it); "
-                              "its integers could not be stored")
-        stored = numpy_helper.to_array(init)
-        if stored.dtype != np.float32 or not _same_bits(stored, w_hat.cpu().numpy()):
-            raise ExportError(f"{key} in the exported graph is not the quantizer's ŵ (the exporter changed it)")
         q = lv.levels.cpu().numpy().astype(np.int8)
         itype = _integer_type(onnx, lv.bits)
-        graph.initializer.remove(init)
         qt = numpy_helper.from_array(q, f"{key}.q")
         if itype == onnx.TensorProto.INT4:
             import ml_dtypes  # onnx's own dependency for its 4-bit types
@@ -226,8 +241,12 @@ def _build(model: nn.Module, x: torch.Tensor, form: str, config: dict | None):
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
+    with parametrize.cached():
+        probe_out = model(probe_input(x.shape)).detach().float().cpu().numpy()
     meta = {"codeq.format": ONNX_FORMAT, "codeq.form": form, "codeq.layers": json.dumps(layers, separators=(",", ":")),
-            "codeq.input_shape": json.dumps(list(x.shape))}
+            "codeq.input_shape": json.dumps(list(x.shape)),
+            "codeq.probe_output": base64.b64encode(probe_out.tobytes()).decode(),
+            "codeq.probe_output_shape": json.dumps(list(probe_out.shape))}
     if config is not None:
         meta["codeq.config"] = json.dumps(json_safe(config))
     onnx.helper.set_model_props(proto, meta)
@@ -293,14 +312,24 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
-def example_input_of(proto) -> torch.Tensor:
-    """The example input the file was exported with (its shape, codeq's fixed-seed values)."""
-    meta = {p.key: p.value for p in proto.metadata_props}
-    shape = json.loads(meta.get("codeq.input_shape", "null") or "null")
-    if not shape:
-        raise ExportError("the file has no codeq metadata (codeq.input_shape): not made by codeq.export")
+def probe_input(shape) -> torch.Tensor:
+    """The input a file records PyTorch's output on: one sample of ``shape``
+    (its batch dimension aside), codeq's fixed-seed values (for an image model,
+    ``codeq.models.example_input``)."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(*shape, generator=g)
+    return torch.randn(1, *[int(d) for d in shape[1:]], generator=g)
+
+
+def _recorded(proto):
+    """(probe input, PyTorch's output on it) as the file records them."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    try:
+        shape = json.loads(meta["codeq.input_shape"])
+        out = np.frombuffer(base64.b64decode(meta["codeq.probe_output"]), dtype=np.float32)
+        out = out.reshape(json.loads(meta["codeq.probe_output_shape"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ExportError(f"the file's codeq metadata is incomplete ({_one_line(e)})") from None
+    return probe_input(shape), torch.from_numpy(out.copy())
 
 
 def _compare(ours: list, ref: torch.Tensor, what: str) -> float:
@@ -325,7 +354,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, form: str = 
     integer weights, after checking it (module docstring); nothing is written
     when a check fails.  ``example``: an input batch (its batch dimension is
     dynamic in the file).  ``config``: the trainer's config, kept in the file
-    so that :func:`check_onnx` can rebuild the PyTorch model.  Returns a
+    (what the model is).  The file also records PyTorch's output on a probe
+    input of the example's shape, for :func:`check_onnx`.  Returns a
     summary: path, bytes, per-layer bits and types, the output error."""
     _require()
     if form not in FORMS:
@@ -367,39 +397,14 @@ def export_checkpoint_onnx(checkpoint: str, path: str, form: str = "cast") -> di
     return export_onnx(model, example_input(int(config.get("img_size", 32))), path, form=form, config=config)
 
 
-def _plain_from_file(proto, config: dict) -> nn.Module:
-    """The architecture of ``config`` (no quantizers) holding the file's tensors, ŵ rebuilt by PyTorch."""
-    from onnx import numpy_helper
-
-    meta = {p.key: p.value for p in proto.metadata_props}
-    layers = json.loads(meta["codeq.layers"])
-    inits = {i.name: i for i in proto.graph.initializer}
-    try:
-        model = build_model(config["model"], img_size=int(config.get("img_size", 32)),
-                            model_kwargs=config.get("model_kwargs"))
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"cannot build the architecture the file names: {_one_line(e)}") from None
-    sd = model.state_dict()
-    for key in sd:
-        if key in layers:
-            q = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.q"]).astype(np.int8))
-            s = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.scale"]).copy())
-            d = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.delta"]).copy()) \
-                if f"{key}.delta" in inits else torch.zeros((), dtype=torch.float32)
-            sd[key] = dequantize(layers[key]["encoding"], q, s, d, torch.float32)
-        elif key in inits:
-            sd[key] = torch.from_numpy(numpy_helper.to_array(inits[key]).copy())
-    model.load_state_dict(sd)
-    return model.eval()
-
-
 @torch.no_grad()
 def check_onnx(path: str) -> dict:
     """Check an ONNX file made by :func:`export_onnx`: ``onnx.checker``
     (full_check), every quantized weight stored as INT4/INT8, ONNX Runtime
-    loads and runs it, and -- when the file holds the trainer's config --
-    its outputs on the example input match PyTorch's running the same weights.
-    Returns a description; raises ExportError."""
+    rebuilding each ŵ from the file's integers bit for bit as the quantizer's
+    formula does, and its outputs on the probe input matching those PyTorch
+    gave at export (recorded in the file).  Returns a description; raises
+    ExportError."""
     _require()
     import onnx
 
@@ -418,15 +423,26 @@ def check_onnx(path: str) -> dict:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnx.checker: {_one_line(e)}") from None
-    x = example_input_of(proto)
-    out = _run(_session(proto.SerializeToString()), x)
-    info = {"path": path, "bytes": os.path.getsize(path), "layers": layers, "form": meta.get("codeq.form"),
-            "compared": False}
-    config = json.loads(meta["codeq.config"]) if "codeq.config" in meta else None
-    if isinstance(config, dict):
-        info["max_rel_error"] = _compare(out, _plain_from_file(proto, config)(x), path)
-        info["compared"] = True
-    return info
+    x, ref = _recorded(proto)
+    _check_weights_bitwise(proto, _weights_from_file(proto, layers), x)
+    err = _compare(_run(_session(proto.SerializeToString()), x), ref, path)
+    return {"path": path, "bytes": os.path.getsize(path), "layers": layers, "form": meta.get("codeq.form"),
+            "max_rel_error": err}
+
+
+def _weights_from_file(proto, layers: dict) -> dict:
+    """{key: ŵ} from the file's integers and scalars by the quantizer's formula, in PyTorch."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for key, info in layers.items():
+        q = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.q"]).astype(np.int8))
+        s = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.scale"]).astype(np.float32))
+        d = torch.from_numpy(numpy_helper.to_array(inits[f"{key}.delta"]).astype(np.float32)) \
+            if f"{key}.delta" in inits else torch.zeros((), dtype=torch.float32)
+        out[key] = dequantize(info["encoding"], q, s, d, torch.float32)
+    return out
 
 
 def format_summary(info: dict) -> str:

@@ -65,7 +65,7 @@ def _graph_weights(path: str, keys) -> dict:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = onnx_export.example_input_of(proto)
+    x = onnx_export.probe_input(json.loads({p.key: p.value for p in proto.metadata_props}["codeq.input_shape"]))
     outs = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     return dict(zip([o.name for o in sess.get_outputs()], outs))
 
@@ -138,7 +138,16 @@ def test_check_refuses_a_float_or_missing_integer_weight(tmp_path):
     onnx_export.export_onnx(_resnet20(1), example_input(32), good,
                             config={"model": "resnet20", "img_size": 32, "model_kwargs": {}})
     info = onnx_export.check_onnx(good)
-    assert info["compared"] and info["max_rel_error"] <= onnx_export.RTOL
+    assert info["max_rel_error"] <= onnx_export.RTOL
+    # a changed integer: the graph still rebuilds what the file holds, but the outputs differ from PyTorch's
+    proto = onnx.load(good)
+    qi = next(i for i in proto.graph.initializer if i.name == "layer1.0.conv1.weight.q")
+    q = numpy_helper.to_array(qi).copy()
+    q.flat[:40] = -q.flat[:40]
+    qi.CopyFrom(numpy_helper.from_array(q, qi.name))
+    onnx.save(proto, str(tmp_path / "changed.onnx"))
+    with pytest.raises(ExportError, match="outputs differ from PyTorch's"):
+        onnx_export.check_onnx(str(tmp_path / "changed.onnx"))
     key = "layer3.1.conv2.weight"
     # the integers replaced by the float weight (as an exporter that rewrote it would leave it)
     proto = onnx.load(good)
@@ -180,6 +189,7 @@ def test_cli_export_and_check(tmp_path, capsys):
     assert "bit for bit" in capsys.readouterr().out
     assert export_main(["--check", str(out / "model.onnx")]) == 0  # format from the suffix
     assert "outputs within" in capsys.readouterr().out
+    assert export_main(["--check", str(tmp_path / "missing.onnx")]) == 2
     assert export_main([ckpt, str(tmp_path / "qdq.onnx"), "--onnx-form", "qdq"]) == 0
     proto = onnx.load(str(tmp_path / "qdq.onnx"))
     assert "DequantizeLinear" in {n.op_type for n in proto.graph.node}
@@ -224,7 +234,7 @@ def test_timm_model_by_name_trains_and_exports(tmp_path, capsys):
     path = str(tmp_path / "r10t.onnx")
     assert export_main([ckpt, path]) == 0
     info = onnx_export.check_onnx(path)
-    assert info["compared"] and {v["type"] for v in info["layers"].values()} == {"INT4"}
+    assert info["max_rel_error"] <= onnx_export.RTOL and {v["type"] for v in info["layers"].values()} == {"INT4"}
     model, _, _ = codeq.checkpoint.load_model(ckpt)
     with torch.no_grad(), parametrize.cached():
         w_hat = {f"{n}.weight": m.weight.detach().clone() for n, m, _ in codeq.iter_quantizers(model)}
