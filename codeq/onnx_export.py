@@ -51,8 +51,8 @@ from codeq.levels import dequantize, integer_levels, plain_state_dict, quantized
 from codeq.models import example_input
 from codeq.parametrize import strip_quantizers
 
-__all__ = ["export_onnx", "export_checkpoint_onnx", "check_onnx", "format_summary", "missing_packages", "FORMS", "OPSET",
-           "ONNX_FORMAT", "RTOL"]
+__all__ = ["export_onnx", "export_checkpoint_onnx", "check_onnx", "format_summary", "missing_packages",
+           "probe_input", "FORMS", "OPSET", "ONNX_FORMAT", "RTOL"]
 
 PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 FORMS = ("cast", "qdq")
@@ -222,15 +222,14 @@ def _build(model: nn.Module, x: torch.Tensor, form: str, config: dict | None):
     proto = _torch_export(strip_quantizers(model).eval(), x, {k: w for k, (_, w) in levels.items()})
     graph = proto.graph
     nodes, layers = [], {}
-    for i, (key, (lv, w_hat)) in enumerate(levels.items()):
+    for i, (key, (lv, _)) in enumerate(levels.items()):
         q = lv.levels.cpu().numpy().astype(np.int8)
         itype = _integer_type(onnx, lv.bits)
-        qt = numpy_helper.from_array(q, f"{key}.q")
         if itype == onnx.TensorProto.INT4:
-            import ml_dtypes  # onnx's own dependency for its 4-bit types
+            import ml_dtypes  # onnx's own dependency, for its 4-bit types
 
-            qt = numpy_helper.from_array(q.astype(ml_dtypes.int4), f"{key}.q")
-        graph.initializer.append(qt)
+            q = q.astype(ml_dtypes.int4)
+        graph.initializer.append(numpy_helper.from_array(q, f"{key}.q"))
         graph.initializer.append(numpy_helper.from_array(np.array(lv.s.item(), dtype=np.float32), f"{key}.scale"))
         if lv.encoding == "deadzone":
             graph.initializer.append(numpy_helper.from_array(np.array(lv.delta.item(), dtype=np.float32),
